@@ -1,0 +1,118 @@
+"""Every setting of the backend, read once from the environment (or a .env file).
+
+Names follow Label Studio's ML backend conventions where one exists (``LABEL_STUDIO_URL``,
+``LABEL_STUDIO_API_KEY``, ``MODEL_DIR``, ``PORT``...). Everything else is named after what
+it controls. Code receives a ``Settings`` object; nothing below reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MergeType = Literal["NMS", "NMM", "GREEDYNMM"]
+MatchMetric = Literal["IOU", "IOS"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    # --- server -------------------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="Bind address of the HTTP server.")
+    port: int = Field(9090, description="HTTP port (Label Studio's ML backend default).")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes; each loads the models once.")
+    threads: int = Field(4, ge=1, description="Concurrent /predict requests per process.")
+    log_level: str = Field("INFO", description="Python log level.")
+    basic_auth_user: str | None = Field(None, description="If set, requests need HTTP basic auth.")
+    basic_auth_pass: SecretStr | None = Field(None, description="Password for basic auth.")
+
+    # --- Label Studio -------------------------------------------------------------------
+    label_studio_url: str | None = Field(
+        None, description="Base URL of Label Studio, for /data/upload URLs, presigning and the API."
+    )
+    label_studio_api_key: SecretStr | None = Field(
+        None, description="Legacy token or personal access token (PAT) of a Label Studio user."
+    )
+    local_files_document_root: Path | None = Field(
+        None, description="Read /data/local-files/?d= paths directly under this folder."
+    )
+
+    # --- models -------------------------------------------------------------------------
+    detector_model: str = Field(
+        "facebook/detr-resnet-50", description="Hub id or local folder of an object detector."
+    )
+    classifier_model: str = Field(
+        "google/vit-base-patch16-224",
+        description="Hub id or local folder of an image classifier; empty disables Choices.",
+    )
+    model_dir: Path = Field(
+        Path("~/.local/share/label-studio-sahi").expanduser(),
+        description="Checkpoints, the embedded Redis socket and job files live here.",
+    )
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'...")
+    half_precision: bool = Field(True, description="Run models in float16 on CUDA.")
+    torch_threads: int | None = Field(None, description="torch intra-op threads on CPU (None: torch's default).")
+
+    # --- prediction ---------------------------------------------------------------------
+    score_threshold: float = Field(
+        0.3, ge=0, le=1, description="Drop boxes below this score (a tag's model_score_threshold wins)."
+    )
+    classifier_top_k: int = Field(1, ge=1, description="Choices suggested for multiple-choice tags.")
+    classifier_threshold: float = Field(0.0, ge=0, le=1, description="Drop class suggestions below this.")
+
+    # --- slicing (defaults are sahi's get_sliced_prediction defaults) --------------------
+    slice_height: int | None = Field(512, ge=32, description="Window height in px; None: automatic.")
+    slice_width: int | None = Field(512, ge=32, description="Window width in px; None: automatic.")
+    overlap_height_ratio: float = Field(0.2, ge=0, lt=1, description="Vertical overlap of windows.")
+    overlap_width_ratio: float = Field(0.2, ge=0, lt=1, description="Horizontal overlap of windows.")
+    full_image_pass: bool = Field(True, description="Also run the model on the whole image.")
+    merge_type: MergeType = Field("GREEDYNMM", description="How boxes from windows are merged.")
+    merge_metric: MatchMetric = Field("IOS", description="Overlap measure used when merging.")
+    merge_threshold: float = Field(0.5, ge=0, le=1, description="Overlap above which boxes merge.")
+    merge_class_agnostic: bool = Field(False, description="Merge boxes of different classes too.")
+    window_batch_size: int = Field(
+        8, ge=1, description="Windows per forward pass (memory cap; on CPU 1-2 is as fast)."
+    )
+
+    # --- limits ---------------------------------------------------------------------------
+    max_image_bytes: int = Field(64 * 2**20, ge=1, description="Largest image download, bytes.")
+    max_image_pixels: int = Field(200_000_000, ge=1, description="Largest image, width x height.")
+    allowed_image_formats: list[str] = Field(
+        ["JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "MPO"],
+        description="PIL format names accepted.",
+    )
+    image_connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect to an image host.")
+    image_read_timeout: float = Field(30.0, gt=0, description="Seconds to wait for image bytes.")
+    max_tasks_per_request: int = Field(64, ge=1, description="Largest /predict batch.")
+    max_request_bytes: int = Field(16 * 2**20, ge=1, description="Largest request body, bytes.")
+    image_fetch_concurrency: int = Field(8, ge=1, description="Images downloaded at once per request.")
+
+    @field_validator("allowed_image_formats", mode="before")
+    @classmethod
+    def _split_formats(cls, value: object) -> object:
+        # Environment variables are plain strings: accept "JPEG,PNG" as well as JSON lists.
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [part.strip().upper() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("slice_height", "slice_width", mode="before")
+    @classmethod
+    def _auto_is_none(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in {"", "auto", "none"}:
+            return None
+        return value
+
+    @property
+    def redacted(self) -> dict[str, object]:
+        """Settings as a dict safe to log: secrets appear as '**********'."""
+        return {k: ("**********" if isinstance(v, SecretStr) else v) for k, v in self}
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings()
