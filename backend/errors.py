@@ -28,6 +28,20 @@ class BadRequest(BackendError):
     code = "bad_request"
 
 
+class RequestTooLarge(BadRequest):
+    """The request body or its batch of tasks is above MAX_REQUEST_BYTES / MAX_TASKS_PER_REQUEST."""
+
+    status = 413
+    code = "request_too_large"
+
+
+class Unauthorized(BackendError):
+    """Basic auth is configured (BASIC_AUTH_USER) and the request did not pass it."""
+
+    status = 401
+    code = "unauthorized"
+
+
 class LabelConfigError(BackendError):
     """The labeling config has nothing this backend can predict, or is not valid XML."""
 

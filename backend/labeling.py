@@ -256,13 +256,23 @@ def parse_label_config(xml: str) -> LabelConfig:
     rectangles: list[ControlTag] = []
     choices: list[ControlTag] = []
     found: list[str] = []
+    skipped: list[str] = []
     for element in root.iter():
         tag = _tag(element)
         if tag and element.tag not in found:
             found.append(element.tag)
+        if tag not in _CONTROL_CHILD:
+            continue
+        to_name = (_attr(element, "toName") or "").split(",")[0].strip()
+        per_region = (_attr(element, "perRegion") or "").strip().lower() == "true"
+        if (to_name and to_name not in images) or per_region:
+            # Controls on text, audio... and per-region choices are for other backends
+            # (or for the annotator): skip them rather than refuse the whole project.
+            skipped.append(f"{_describe(element)} (toName={to_name!r}{', perRegion' if per_region else ''})")
+            continue
         if tag == "rectanglelabels":
             rectangles.append(_parse_control(element, "rectanglelabels", images))
-        elif tag == "choices":
+        else:
             choices.append(_parse_control(element, "choices", images))
 
     if not rectangles and not choices:
@@ -270,6 +280,7 @@ def parse_label_config(xml: str) -> LabelConfig:
             "the labeling config has nothing this backend can predict: it supports "
             "<RectangleLabels> (object detection) and <Choices> (image classification) "
             f"on an <Image>; found only: {', '.join(f'<{t}>' for t in found)}"
+            + (f"; skipped: {', '.join(skipped)}" if skipped else "")
         )
     names = [tag.name for tag in (*rectangles, *choices)]
     duplicates = sorted({n for n in names if names.count(n) > 1})

@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     # --- server -------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="Bind address of the HTTP server.")
     port: int = Field(9090, description="HTTP port (Label Studio's ML backend default).")
-    workers: int = Field(1, ge=1, description="uvicorn worker processes; each loads the models once.")
+    workers: int = Field(
+        1, ge=1, description="uvicorn worker processes; each loads the models once."
+    )
     threads: int = Field(4, ge=1, description="Concurrent /predict requests per process.")
     log_level: str = Field("INFO", description="Python log level.")
     basic_auth_user: str | None = Field(None, description="If set, requests need HTTP basic auth.")
@@ -53,22 +55,37 @@ class Settings(BaseSettings):
         Path("~/.local/share/label-studio-sahi").expanduser(),
         description="Checkpoints, the embedded Redis socket and job files live here.",
     )
-    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'...")
+    device: str = Field(
+        "auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'..."
+    )
     half_precision: bool = Field(True, description="Run models in float16 on CUDA.")
-    torch_threads: int | None = Field(None, description="torch intra-op threads on CPU (None: torch's default).")
+    torch_threads: int | None = Field(
+        None, description="torch intra-op threads on CPU (None: torch's default)."
+    )
 
     # --- prediction ---------------------------------------------------------------------
     score_threshold: float = Field(
-        0.3, ge=0, le=1, description="Drop boxes below this score (a tag's model_score_threshold wins)."
+        0.3,
+        ge=0,
+        le=1,
+        description="Drop boxes below this score (a tag's model_score_threshold wins).",
     )
-    classifier_top_k: int = Field(1, ge=1, description="Choices suggested for multiple-choice tags.")
-    classifier_threshold: float = Field(0.0, ge=0, le=1, description="Drop class suggestions below this.")
+    classifier_top_k: int = Field(
+        1, ge=1, description="Choices suggested for multiple-choice tags."
+    )
+    classifier_threshold: float = Field(
+        0.0, ge=0, le=1, description="Drop class suggestions below this."
+    )
 
     # --- slicing (defaults are sahi's get_sliced_prediction defaults) --------------------
-    slice_height: int | None = Field(512, ge=32, description="Window height in px; None: automatic.")
+    slice_height: int | None = Field(
+        512, ge=32, description="Window height in px; None: automatic."
+    )
     slice_width: int | None = Field(512, ge=32, description="Window width in px; None: automatic.")
     overlap_height_ratio: float = Field(0.2, ge=0, lt=1, description="Vertical overlap of windows.")
-    overlap_width_ratio: float = Field(0.2, ge=0, lt=1, description="Horizontal overlap of windows.")
+    overlap_width_ratio: float = Field(
+        0.2, ge=0, lt=1, description="Horizontal overlap of windows."
+    )
     full_image_pass: bool = Field(True, description="Also run the model on the whole image.")
     merge_type: MergeType = Field("GREEDYNMM", description="How boxes from windows are merged.")
     merge_metric: MatchMetric = Field("IOS", description="Overlap measure used when merging.")
@@ -85,11 +102,15 @@ class Settings(BaseSettings):
         ["JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "MPO"],
         description="PIL format names accepted.",
     )
-    image_connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect to an image host.")
+    image_connect_timeout: float = Field(
+        5.0, gt=0, description="Seconds to connect to an image host."
+    )
     image_read_timeout: float = Field(30.0, gt=0, description="Seconds to wait for image bytes.")
     max_tasks_per_request: int = Field(64, ge=1, description="Largest /predict batch.")
     max_request_bytes: int = Field(16 * 2**20, ge=1, description="Largest request body, bytes.")
-    image_fetch_concurrency: int = Field(8, ge=1, description="Images downloaded at once per request.")
+    image_fetch_concurrency: int = Field(
+        8, ge=1, description="Images downloaded at once per request."
+    )
 
     @field_validator("allowed_image_formats", mode="before")
     @classmethod

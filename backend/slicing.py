@@ -209,9 +209,9 @@ def _greedy_groups(matches: torch.Tensor, order: list[int]) -> dict[int, list[in
         if claimed[idx]:
             continue
         candidates = matches[idx] & ~claimed & (rank > rank[idx])
-        members = candidates.nonzero().flatten()
-        members = members[torch.argsort(rank[members])].tolist()
-        claimed[members] = True
+        found = candidates.nonzero().flatten()
+        members: list[int] = found[torch.argsort(rank[found])].tolist()
+        claimed[found] = True
         groups[idx] = members
     return groups
 

@@ -292,12 +292,23 @@ def test_control_without_name_or_to_name_is_rejected(control: str, missing: str)
         parse_label_config(f'<View><Image name="i" value="$i"/>{control}</View>')
 
 
-def test_control_pointing_at_no_image_is_rejected() -> None:
+def test_controls_on_other_objects_are_skipped_not_fatal() -> None:
+    xml = (
+        '<View><Image name="img" value="$image"/><Text name="t" value="$text"/>'
+        '<Choices name="c" toName="t"><Choice value="a"/></Choices>'
+        '<Choices name="region" toName="img" perRegion="true"><Choice value="b"/></Choices>'
+        '<RectangleLabels name="box" toName="img"><Label value="car"/></RectangleLabels></View>'
+    )
+    config = parse_label_config(xml)
+    assert [t.name for t in config.rectangles] == ["box"] and config.choices == ()
+
+
+def test_config_whose_only_control_points_at_no_image_is_rejected() -> None:
     xml = (
         '<View><Text name="t" value="$text"/>'
         '<Choices name="c" toName="t"><Choice value="a"/></Choices></View>'
     )
-    with pytest.raises(LabelConfigError, match="not an <Image> tag"):
+    with pytest.raises(LabelConfigError, match="skipped: <Choices name='c'>"):
         parse_label_config(xml)
 
 

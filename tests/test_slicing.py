@@ -83,10 +83,14 @@ def _random_detections(seed: int, n: int = 60) -> Detections:
     return Detections(boxes, scores, labels)
 
 
-def _sahi_merge(det: Detections, kind: str, metric: str, threshold: float, agnostic: bool) -> Detections:
+def _sahi_merge(
+    det: Detections, kind: str, metric: str, threshold: float, agnostic: bool
+) -> Detections:
     preds = [
         ObjectPrediction(bbox=b, category_id=int(c), score=float(s), category_name=str(int(c)))
-        for b, s, c in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist(), strict=True)
+        for b, s, c in zip(
+            det.boxes.tolist(), det.scores.tolist(), det.labels.tolist(), strict=True
+        )
     ]
     merged = SAHI_POSTPROCESS[kind](
         match_threshold=threshold, match_metric=metric, class_agnostic=agnostic

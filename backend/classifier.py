@@ -1,0 +1,68 @@
+"""Image classifiers (any ``AutoModelForImageClassification``: ViT, DeiT, timm) for Choices."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from backend.hub import checkpoint_revision, half_dtype, load_pretrained, resolve_device, short_name
+
+
+@dataclass
+class Classifier:
+    model: Any
+    processor: Any
+    device: torch.device
+    dtype: torch.dtype
+    version: str
+
+    def __post_init__(self) -> None:
+        self.model.eval().to(self.device, dtype=self.dtype)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, source: str, device: str = "auto", half_precision: bool = True) -> Classifier:
+        model, processor = load_pretrained(
+            AutoModelForImageClassification, AutoImageProcessor, source, "CLASSIFIER_MODEL"
+        )
+        dev = resolve_device(device)
+        version = f"{short_name(source)}@{checkpoint_revision(source, model)}"
+        return cls(model, processor, dev, half_dtype(dev, half_precision), version)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return {int(k): str(v) for k, v in self.model.config.id2label.items()}
+
+    @property
+    def multi_label(self) -> bool:
+        """Trained with independent sigmoids (several classes may hold at once)."""
+        return getattr(self.model.config, "problem_type", None) == "multi_label_classification"
+
+    def probabilities(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """``[len(images), num_classes]`` class probabilities (softmax, or sigmoid if multi-label)."""
+        inputs = self.processor(images=list(images), return_tensors="pt")
+        pixels = inputs["pixel_values"].to(self.device, dtype=self.dtype)
+        with self._lock, torch.inference_mode():
+            logits = self.model(pixel_values=pixels).logits.float()
+        return (logits.sigmoid() if self.multi_label else logits.softmax(-1)).cpu()
+
+    def classify(
+        self, images: Sequence[np.ndarray], top_k: int = 5
+    ) -> list[list[tuple[str, float]]]:
+        """Top-k ``(class name, probability)`` per image, most likely first."""
+        if not images:
+            return []
+        probs = self.probabilities(images)
+        k = min(top_k, probs.shape[1])
+        values, indices = probs.topk(k, dim=1)
+        names = self.id2label
+        return [
+            [(names[int(i)], float(v)) for v, i in zip(row_v, row_i, strict=True)]
+            for row_v, row_i in zip(values, indices, strict=True)
+        ]

@@ -1,0 +1,92 @@
+"""DETR-family object detectors (any ``AutoModelForObjectDetection``) behind one small contract.
+
+``Detector.detect`` takes a list of images (whole images or slice windows, HWC uint8) and
+returns one ``Detections`` per image, in that image's pixel coordinates. Post-processing is
+the checkpoint's own image processor's (``post_process_object_detection``), so each family
+(DETR softmax, Deformable / Conditional / RT-DETR sigmoid top-k) is decoded as its authors
+decode it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+from backend.hub import checkpoint_revision, half_dtype, load_pretrained, resolve_device, short_name
+from backend.slicing import Detections, clip_boxes
+
+
+@dataclass
+class Detector:
+    model: Any
+    processor: Any
+    device: torch.device
+    dtype: torch.dtype
+    version: str
+
+    def __post_init__(self) -> None:
+        self.model.eval().to(self.device, dtype=self.dtype)
+        # One forward at a time per model: concurrent forwards on a CPU only fight over the
+        # same cores, and on a GPU they multiply peak memory.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, source: str, device: str = "auto", half_precision: bool = True) -> Detector:
+        """Load from a hub id or folder (see ``backend.hub.load_pretrained`` for errors)."""
+        model, processor = load_pretrained(
+            AutoModelForObjectDetection, AutoImageProcessor, source, "DETECTOR_MODEL"
+        )
+        dev = resolve_device(device)
+        version = f"{short_name(source)}@{checkpoint_revision(source, model)}"
+        return cls(model, processor, dev, half_dtype(dev, half_precision), version)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return {int(k): str(v) for k, v in self.model.config.id2label.items()}
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        """The checkpoint's own resize and normalisation, batched, on the model's device."""
+        inputs = self.processor(images=list(images), return_tensors="pt")
+        return {
+            k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else v.dtype)
+            for k, v in inputs.items()
+            if isinstance(v, torch.Tensor)
+        }
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> Any:
+        with self._lock, torch.inference_mode():
+            return self.model(**inputs)
+
+    def postprocess(
+        self, outputs: Any, sizes: Sequence[tuple[int, int]], threshold: float
+    ) -> list[Detections]:
+        """Model outputs -> per-image detections in pixels (``sizes`` are ``(height, width)``)."""
+        # Decode in float32 whatever the model ran in: half-precision softmax loses small scores.
+        for key in ("logits", "pred_boxes"):
+            if getattr(outputs, key, None) is not None:
+                setattr(outputs, key, getattr(outputs, key).float())
+        decoded = self.processor.post_process_object_detection(
+            outputs, threshold=threshold, target_sizes=list(sizes)
+        )
+        result = []
+        for item, (h, w) in zip(decoded, sizes, strict=True):
+            boxes = clip_boxes(item["boxes"].float(), width=w, height=h)
+            result.append(
+                Detections(boxes.cpu(), item["scores"].float().cpu(), item["labels"].long().cpu())
+            )
+        return result
+
+    def detect(self, images: Sequence[np.ndarray], threshold: float) -> list[Detections]:
+        """Run one batched forward pass over ``images`` (HWC uint8 RGB arrays)."""
+        if not images:
+            return []
+        outputs = self.forward(self.preprocess(images))
+        return self.postprocess(
+            outputs, [(img.shape[0], img.shape[1]) for img in images], threshold
+        )

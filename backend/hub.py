@@ -1,0 +1,98 @@
+"""Loading transformers checkpoints from a hub id or a local folder, with errors users can act on."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backend.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+HUB_UNREACHABLE_HINT = (
+    "the Hugging Face hub could not be reached and the model is not in the local cache; "
+    "point {setting} at a local folder saved with save_pretrained (config.json, "
+    "model.safetensors, preprocessor_config.json)"
+)
+
+
+def resolve_device(setting: str) -> torch.device:
+    """``auto`` is CUDA when present, else CPU; anything else is passed to torch."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().is_dir()
+
+
+def load_pretrained(
+    auto_model: Any, auto_processor: Any, source: str, setting: str
+) -> tuple[Any, Any]:
+    """Load ``(model, processor)`` with ``from_pretrained``; safetensors weights only.
+
+    Args:
+        auto_model: e.g. ``AutoModelForObjectDetection``.
+        auto_processor: e.g. ``AutoImageProcessor``.
+        source: hub id or local folder.
+        setting: the environment variable that chose ``source``, for the error message.
+
+    Raises:
+        ModelLoadError: the folder is missing or incomplete, or the hub is unreachable.
+    """
+    if _looks_like_path(source):
+        folder = Path(source).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"{setting}={source}: no config.json in that folder")
+        source = str(folder)
+    try:
+        # use_safetensors: a pickled checkpoint (pytorch_model.bin) is refused, never unpickled.
+        model = auto_model.from_pretrained(source, use_safetensors=True)
+        processor = auto_processor.from_pretrained(source)
+    except OSError as exc:
+        text = str(exc)
+        offline = any(
+            hint in text
+            for hint in (
+                "couldn't connect",
+                "offline",
+                "Connection",
+                "resolve",
+                "not cached",
+                "LocalEntryNotFound",
+            )
+        )
+        reason = HUB_UNREACHABLE_HINT.format(setting=setting) if offline else text.splitlines()[0]
+        raise ModelLoadError(f"cannot load {setting}={source}: {reason}") from exc
+    except ValueError as exc:
+        raise ModelLoadError(f"cannot load {setting}={source}: {str(exc).splitlines()[0]}") from exc
+    return model, processor
+
+
+def checkpoint_revision(source: str, model: Any) -> str:
+    """A short id of the weights in use: the hub commit, or a digest of local weight files."""
+    commit = getattr(model.config, "_commit_hash", None)
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        digest = hashlib.sha256()
+        for path in [*sorted(folder.glob("*.safetensors")), folder / "config.json"]:
+            with path.open("rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+        return digest.hexdigest()[:8]
+    return (commit or "unknown")[:8]
+
+
+def short_name(source: str) -> str:
+    """``facebook/detr-resnet-50`` -> ``detr-resnet-50``; a folder -> its name."""
+    return Path(source.rstrip("/")).name or source
+
+
+def half_dtype(device: torch.device, half_precision: bool) -> torch.dtype:
+    """float16 on CUDA when asked (it halves memory and doubles speed there), else float32."""
+    return torch.float16 if half_precision and device.type == "cuda" else torch.float32

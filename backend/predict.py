@@ -1,0 +1,305 @@
+"""The prediction pipeline: task -> image -> windows -> detector -> merge -> Label Studio results.
+
+The task score (what Label Studio sorts and filters tasks by) is the confidence of the
+*least* confident thing predicted for the task: the lowest box score or class probability,
+and 0 for a task where nothing was found. Sorting tasks by prediction score ascending
+therefore puts the most uncertain tasks first, which is what an active-learning loop
+labels next; a task whose image failed also scores 0, so it is looked at.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from backend import metrics
+from backend.classifier import Classifier
+from backend.detector import Detector
+from backend.errors import BackendError, ImageURLError
+from backend.labeling import ControlTag, LabelConfig, choices_result, rectangle_result
+from backend.settings import MatchMetric, MergeType, Settings
+from backend.slicing import Detections, merge_detections, slice_windows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """The models serving one project, and the version Label Studio sees for them."""
+
+    detector: Detector | None
+    classifier: Classifier | None
+    version: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.version:
+            parts = [m.version for m in (self.detector, self.classifier) if m is not None]
+            object.__setattr__(self, "version", "+".join(parts) or "no-model")
+
+
+@dataclass(frozen=True)
+class SliceConfig:
+    """How an image is cut into windows and how the windows' boxes are merged back."""
+
+    slice_height: int | None = 512
+    slice_width: int | None = 512
+    overlap_height_ratio: float = 0.2
+    overlap_width_ratio: float = 0.2
+    full_image_pass: bool = True
+    merge_type: MergeType = "GREEDYNMM"
+    merge_metric: MatchMetric = "IOS"
+    merge_threshold: float = 0.5
+    class_agnostic: bool = False
+    window_batch_size: int = 8
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SliceConfig:
+        return cls(
+            slice_height=settings.slice_height,
+            slice_width=settings.slice_width,
+            overlap_height_ratio=settings.overlap_height_ratio,
+            overlap_width_ratio=settings.overlap_width_ratio,
+            full_image_pass=settings.full_image_pass,
+            merge_type=settings.merge_type,
+            merge_metric=settings.merge_metric,
+            merge_threshold=settings.merge_threshold,
+            class_agnostic=settings.merge_class_agnostic,
+            window_batch_size=settings.window_batch_size,
+        )
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage for one image or task (also fed to Prometheus)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+            metrics.STAGE_SECONDS.labels(stage=name).observe(elapsed)
+
+
+def sliced_detect(
+    detector: Detector,
+    image: np.ndarray,
+    slicing: SliceConfig,
+    threshold: float,
+    timings: Timings | None = None,
+) -> Detections:
+    """Detections over overlapping windows of ``image`` (HWC uint8), merged, in image pixels.
+
+    All windows go through the model in batches of ``window_batch_size`` (they share one
+    size, so a batch needs no padding); the whole image is run as well when
+    ``full_image_pass`` is on and there is more than one window, so that large objects cut
+    by every window are still found.
+    """
+    timings = timings or Timings()
+    height, width = image.shape[:2]
+    with timings.stage("slice"):
+        windows = slice_windows(
+            height,
+            width,
+            slicing.slice_height,
+            slicing.slice_width,
+            slicing.overlap_height_ratio,
+            slicing.overlap_width_ratio,
+        ).tolist()
+        crops = [image[y1:y2, x1:x2] for x1, y1, x2, y2 in windows]
+    parts: list[Detections] = []
+    step = slicing.window_batch_size
+    for start in range(0, len(crops), step):
+        chunk, offsets = crops[start : start + step], windows[start : start + step]
+        parts.extend(
+            det.shifted(x1, y1)
+            for det, (x1, y1, _, _) in zip(
+                _detect(detector, chunk, threshold, timings), offsets, strict=True
+            )
+        )
+    if slicing.full_image_pass and len(windows) > 1:
+        parts.extend(_detect(detector, [image], threshold, timings))
+    with timings.stage("merge"):
+        return merge_detections(
+            Detections.cat(parts),
+            slicing.merge_type,
+            slicing.merge_metric,
+            slicing.merge_threshold,
+            slicing.class_agnostic,
+        )
+
+
+def _detect(
+    detector: Detector, images: Sequence[np.ndarray], threshold: float, timings: Timings
+) -> list[Detections]:
+    with timings.stage("preprocess"):
+        inputs = detector.preprocess(images)
+    with timings.stage("detector"):
+        outputs = detector.forward(inputs)
+    with timings.stage("postprocess"):
+        return detector.postprocess(
+            outputs, [(img.shape[0], img.shape[1]) for img in images], threshold
+        )
+
+
+@dataclass
+class TaskPrediction:
+    """One entry of ``/predict``'s ``results``; ``error`` is set when the task failed."""
+
+    result: list[dict[str, Any]]
+    score: float
+    model_version: str
+    error: BackendError | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "result": self.result,
+            "score": self.score,
+            "model_version": self.model_version,
+        }
+        if self.error is not None:
+            body["error"] = {"error": self.error.code, "detail": self.error.message}
+        return body
+
+
+def task_score(result: list[dict[str, Any]]) -> float:
+    """The least confident item's score; 0 when nothing was predicted (see module docstring)."""
+    scores = [float(item["score"]) for item in result if "score" in item]
+    return min(scores) if scores else 0.0
+
+
+ImageLoaderFn = Callable[[str, int | None], Image.Image]
+
+
+class Predictor:
+    """Predicts Label Studio tasks with one model bundle; safe to share across threads."""
+
+    def __init__(self, bundle: ModelBundle, settings: Settings, load_image: ImageLoaderFn) -> None:
+        self.bundle = bundle
+        self.settings = settings
+        self.slicing = SliceConfig.from_settings(settings)
+        self.load_image = load_image
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.image_fetch_concurrency, thread_name_prefix="task"
+        )
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def predict_tasks(
+        self, tasks: Sequence[dict[str, Any]], config: LabelConfig
+    ) -> list[TaskPrediction]:
+        """One prediction per task, in order; a failing task gets an empty result and its error."""
+        return list(self._pool.map(lambda task: self.predict_task(task, config), tasks))
+
+    def predict_task(self, task: dict[str, Any], config: LabelConfig) -> TaskPrediction:
+        timings = Timings()
+        task_id = task.get("id") if isinstance(task.get("id"), int) else None
+        try:
+            data = task.get("data")
+            if not isinstance(data, dict):
+                raise ImageURLError("task has no 'data' object")
+            result: list[dict[str, Any]] = []
+            for key in config.image_keys:
+                url = data.get(key)
+                if not isinstance(url, str) or not url:
+                    raise ImageURLError(f"task data has no image URL under '{key}'")
+                with timings.stage("fetch"):
+                    image = self.load_image(url, task_id)
+                result.extend(self.predict_image(image, config, key, timings))
+        except BackendError as exc:
+            metrics.TASK_ERRORS.labels(error=exc.code).inc()
+            log.warning("task_failed task=%s error=%s detail=%s", task_id, exc.code, exc.message)
+            return TaskPrediction([], 0.0, self.bundle.version, exc, timings.seconds)
+        return TaskPrediction(
+            result, task_score(result), self.bundle.version, None, timings.seconds
+        )
+
+    def predict_image(
+        self,
+        image: Image.Image,
+        config: LabelConfig,
+        image_key: str | None = None,
+        timings: Timings | None = None,
+    ) -> list[dict[str, Any]]:
+        """Label Studio result items for the controls of ``config`` that point at ``image_key``."""
+        timings = timings or Timings()
+        pixels = np.asarray(image.convert("RGB"))
+        width, height = image.size
+        rect_tags = [t for t in config.rectangles if image_key in (None, t.image_key)]
+        choice_tags = [t for t in config.choices if image_key in (None, t.image_key)]
+        result: list[dict[str, Any]] = []
+        if rect_tags and self.bundle.detector is not None:
+            threshold = min(
+                [self.settings.score_threshold]
+                + [t.score_threshold for t in rect_tags if t.score_threshold is not None]
+            )
+            dets = sliced_detect(self.bundle.detector, pixels, self.slicing, threshold, timings)
+            result.extend(self._boxes(dets, rect_tags, width, height))
+        if choice_tags and self.bundle.classifier is not None:
+            with timings.stage("classifier"):
+                ranked = self.bundle.classifier.classify(
+                    [pixels], top_k=len(self.bundle.classifier.id2label)
+                )[0]
+            result.extend(self._choices(ranked, choice_tags))
+        return result
+
+    def _boxes(
+        self, dets: Detections, tags: list[ControlTag], width: int, height: int
+    ) -> list[dict[str, Any]]:
+        assert self.bundle.detector is not None
+        names = self.bundle.detector.id2label
+        out = []
+        for tag in tags:
+            threshold = (
+                tag.score_threshold
+                if tag.score_threshold is not None
+                else self.settings.score_threshold
+            )
+            for box, score, label_id in zip(
+                dets.boxes.tolist(), dets.scores.tolist(), dets.labels.tolist(), strict=True
+            ):
+                label = tag.label_for(names.get(int(label_id), str(label_id)))
+                if label is None or score < threshold or box[2] <= box[0] or box[3] <= box[1]:
+                    continue
+                out.append(
+                    rectangle_result(
+                        tag, (box[0], box[1], box[2], box[3]), label, score, width, height
+                    )
+                )
+        return out
+
+    def _choices(
+        self, ranked: list[tuple[str, float]], tags: list[ControlTag]
+    ) -> list[dict[str, Any]]:
+        out = []
+        for tag in tags:
+            threshold = (
+                tag.score_threshold
+                if tag.score_threshold is not None
+                else self.settings.classifier_threshold
+            )
+            picked: list[tuple[str, float]] = []
+            for name, prob in ranked:
+                label = tag.label_for(name)
+                if label is None or prob < threshold or label in [p[0] for p in picked]:
+                    continue
+                picked.append((label, prob))
+                if len(picked) >= (self.settings.classifier_top_k if tag.multiple else 1):
+                    break
+            if picked:
+                out.append(choices_result(tag, [p[0] for p in picked], min(p[1] for p in picked)))
+        return out

@@ -1,0 +1,149 @@
+"""Shared fixtures: small trained models (cached per source version), live HTTP servers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tiny_models
+import uvicorn
+
+from backend.classifier import Classifier
+from backend.detector import Detector
+from backend.predict import ModelBundle
+from backend.settings import Settings
+
+LEGACY_TOKEN = "a" * 20 + "0123456789abcdef0123"
+
+
+@pytest.fixture(autouse=True)
+def _no_env_leaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings come from each test, never from the developer's shell or a hub."""
+    for name in list(os.environ):
+        if name.upper() in Settings.model_fields or name.lower() in Settings.model_fields:
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _cached_model(cache: pytest.Cache, name: str, build: Callable[[Path], Path]) -> Path:
+    """Build a model once per version of tiny_models.py; later runs reuse the folder."""
+    source = Path(tiny_models.__file__).read_bytes()
+    key = f"{name}-{hashlib.sha256(source).hexdigest()[:12]}"
+    folder = cache.mkdir(key)
+    if not (folder / "config.json").exists():
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        shutil.rmtree(folder)
+        tmp.rename(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def detector_dir(request: pytest.FixtureRequest) -> Path:
+    return _cached_model(request.config.cache, "tiny-detr", tiny_models.train_tiny_detr)
+
+
+@pytest.fixture(scope="session")
+def classifier_dir(request: pytest.FixtureRequest) -> Path:
+    return _cached_model(request.config.cache, "tiny-vit", tiny_models.train_tiny_vit)
+
+
+@pytest.fixture(scope="session")
+def detector(detector_dir: Path) -> Detector:
+    return Detector.load(str(detector_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def classifier(classifier_dir: Path) -> Classifier:
+    return Classifier.load(str(classifier_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def bundle(detector: Detector, classifier: Classifier) -> ModelBundle:
+    return ModelBundle(detector, classifier)
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Settings for tests: 128 px windows (the tiny models' scale), no env, no .env file."""
+    values: dict[str, Any] = {
+        "slice_height": 128,
+        "slice_width": 128,
+        "score_threshold": 0.5,
+        "device": "cpu",
+        "window_batch_size": 4,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@dataclass
+class LiveServer:
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+
+
+def start_uvicorn(app: Any) -> LiveServer:
+    """Serve ``app`` on 127.0.0.1 on a free port in a thread (real HTTP)."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return LiveServer(f"http://127.0.0.1:{port}", server, thread)
+
+
+def stop_uvicorn(live: LiveServer) -> None:
+    live.server.should_exit = True
+    live.thread.join(timeout=10)
+
+
+class _FilesHandler(SimpleHTTPRequestHandler):
+    """Label Studio's /data/upload/ stand-in: files from a folder, only with the token."""
+
+    token = LEGACY_TOKEN
+
+    def log_message(self, *args: Any) -> None:  # keep test output clean
+        pass
+
+    def do_GET(self) -> None:
+        if (
+            self.path.startswith("/data/upload/")
+            and self.headers.get("Authorization") != f"Token {self.token}"
+        ):
+            self.send_error(401, "token required")
+            return
+        self.path = self.path.removeprefix("/data/upload")
+        super().do_GET()
+
+
+@pytest.fixture
+def files_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """``(base_url, folder)``: files put in ``folder`` are served as ``/data/upload/<name>``."""
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+
+    def handler(*args: Any, **kwargs: Any) -> _FilesHandler:
+        return _FilesHandler(*args, directory=str(folder), **kwargs)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", folder
+    httpd.shutdown()
+    httpd.server_close()

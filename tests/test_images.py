@@ -1,0 +1,841 @@
+"""Image loading over real HTTP: URL kinds, tokens, limits and decoding.
+
+Two small threaded ``http.server`` instances on 127.0.0.1 stand in for Label Studio (its
+file endpoints, the PAT refresh endpoint and the presign redirect) and for another origin
+(a storage bucket / any web server), which records the headers it receives so that the
+tests can prove the token never reaches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import httpx
+import pytest
+from PIL import Image, ImageFile
+from pydantic import SecretStr
+
+from backend.errors import (
+    ImageError,
+    ImageForbidden,
+    ImageFormatError,
+    ImageTooLarge,
+    ImageUnreachable,
+    ImageURLError,
+)
+from backend.images import ImageLoader, decode_image, load_local_image
+from backend.settings import Settings
+from backend.studio_auth import (
+    LabelStudioAuth,
+    is_personal_access_token,
+    jwt_claims,
+    same_origin,
+)
+
+LEGACY = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _b64url(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+
+def make_jwt(payload: dict[str, Any]) -> str:
+    return f"{_b64url({'alg': 'HS256', 'typ': 'JWT'})}.{_b64url(payload)}.c2lnbmF0dXJl"
+
+
+PAT = make_jwt({"token_type": "refresh", "jti": "pat-1", "user_id": 1})
+OTHER_PAT = make_jwt({"token_type": "refresh", "jti": "revoked", "user_id": 1})
+
+
+# --- images ---------------------------------------------------------------------------
+
+
+def png(width: int = 24, height: int = 16, color: str = "red") -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(out, "PNG")
+    return out.getvalue()
+
+
+def noise_png(size: int = 64) -> bytes:
+    rng = __import__("random").Random(0)
+    pixels = bytes(rng.randrange(256) for _ in range(size * size * 3))
+    out = io.BytesIO()
+    Image.frombytes("RGB", (size, size), pixels).save(out, "PNG")
+    return out.getvalue()
+
+
+def gif() -> bytes:
+    out = io.BytesIO()
+    Image.new("P", (8, 8), 3).save(out, "GIF")
+    return out.getvalue()
+
+
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims ``width`` x ``height`` but carries almost no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
+def jpeg_with_orientation(width: int, height: int, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), "blue").save(out, "JPEG", exif=exif.tobytes())
+    return out.getvalue()
+
+
+# --- the fake servers -----------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    server: str
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    authorization: str | None
+
+
+@dataclass
+class State:
+    files: dict[str, bytes] = field(default_factory=dict)
+    seen: list[Seen] = field(default_factory=list)
+    valid_access: set[str] = field(default_factory=set)
+    refreshes: int = 0
+    access_lifetime: int = 300
+    refresh_delay: float = 0.0
+    other_url: str = ""
+    streamed_bytes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.files.clear()
+            self.seen.clear()
+            self.valid_access.clear()
+            self.refreshes = 0
+            self.access_lifetime = 300
+            self.refresh_delay = 0.0
+            self.streamed_bytes = 0
+
+    def requests_to(self, server: str) -> list[Seen]:
+        with self.lock:
+            return [s for s in self.seen if s.server == server]
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_role = ""  # "ls" or "other", set per server class
+    state: State
+
+    def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
+        pass
+
+    # helpers
+    def _send(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        self.send_response(code)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _authorized(self) -> bool:
+        header = self.headers.get("Authorization") or ""
+        if header == f"Token {LEGACY}":
+            return True
+        with self.state.lock:
+            return header.startswith("Bearer ") and header[7:] in self.state.valid_access
+
+    def _record(self) -> tuple[str, dict[str, list[str]]]:
+        parts = urlsplit(self.path)
+        query = parse_qs(parts.query)
+        path = unquote(parts.path)
+        with self.state.lock:
+            self.state.seen.append(
+                Seen(
+                    self.server_role,
+                    self.command,
+                    path,
+                    query,
+                    self.headers.get("Authorization"),
+                )
+            )
+        return path, query
+
+    def do_POST(self) -> None:
+        path, _ = self._record()
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.server_role == "ls" and path == "/api/token/refresh":
+            time.sleep(self.state.refresh_delay)
+            if json.loads(body or b"{}").get("refresh") != PAT:
+                self._send(401, b'{"detail": "Token is invalid or expired"}')
+                return
+            now = int(time.time())
+            with self.state.lock:
+                self.state.refreshes += 1
+                access = make_jwt(
+                    {
+                        "token_type": "access",
+                        "iat": now,
+                        "exp": now + self.state.access_lifetime,
+                        "jti": uuid.uuid4().hex,
+                    }
+                )
+                self.state.valid_access.add(access)
+            self._send(200, json.dumps({"access": access}).encode())
+            return
+        self._send(404)
+
+    def do_GET(self) -> None:
+        path, query = self._record()
+        if self.server_role == "other":
+            name = path.removeprefix("/public/")
+            if name in self.state.files:
+                self._send(200, self.state.files[name], {"Content-Type": "image/png"})
+            else:
+                self._send(404)
+            return
+        if path == "/slow":
+            time.sleep(1.0)
+            self._send(200, png())
+            return
+        if path == "/loop":
+            self._send(302, headers={"Location": "/loop"})
+            return
+        if path == "/big-declared":
+            self.send_response(200)
+            self.send_header("Content-Length", str(50 * 2**20))
+            self.end_headers()
+            self._stream_until_refused(50 * 2**20)
+            return
+        if path == "/big-undeclared":
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            self._stream_until_refused(64 * 2**20)
+            return
+        if path == "/short-body":
+            self.send_response(200)
+            self.send_header("Content-Length", "10000")
+            self.end_headers()
+            self.wfile.write(png()[:100])
+            self.close_connection = True
+            return
+        if path.startswith("/status/"):
+            self._send(int(path.removeprefix("/status/")), b"nope")
+            return
+        if not self._authorized():
+            self._send(401, b'{"detail": "Authentication credentials were not provided."}')
+            return
+        if path.startswith("/data/upload/"):
+            name = path.removeprefix("/data/upload/")
+            if name in self.state.files:
+                self._send(200, self.state.files[name], {"Content-Type": "image/png"})
+            else:
+                self._send(404)
+            return
+        if path == "/data/local-files/":
+            name = query.get("d", [""])[0]
+            if name in self.state.files:
+                self._send(200, self.state.files[name])
+            else:
+                self._send(404)
+            return
+        if path.startswith("/redirect-away/"):
+            target = f"{self.state.other_url}/public/{path.removeprefix('/redirect-away/')}"
+            self._send(302, headers={"Location": target})
+            return
+        if path.startswith("/tasks/") and path.endswith("/presign/"):
+            uri = base64.urlsafe_b64decode(query["fileuri"][0]).decode()
+            name = uri.rsplit("/", 1)[-1]
+            target = f"{self.state.other_url}/public/{name}?X-Amz-Signature=s3cr3t"
+            self._send(302, headers={"Location": target})
+            return
+        self._send(404)
+
+    def _stream_until_refused(self, total: int) -> None:
+        block = b"\x00" * 65536
+        sent = 0
+        try:
+            while sent < total:
+                self.wfile.write(block)
+                sent += len(block)
+        except OSError:  # the client hung up: that is what the test wants
+            self.close_connection = True
+        with self.state.lock:
+            self.state.streamed_bytes = sent
+
+
+@dataclass
+class Servers:
+    state: State
+    ls: str
+    other: str
+
+
+def _serve(role: str, state: State) -> tuple[ThreadingHTTPServer, str]:
+    handler = type(f"{role}Handler", (Handler,), {"server_role": role, "state": state})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture(scope="module")
+def _servers() -> Iterator[Servers]:
+    state = State()
+    ls_server, ls_url = _serve("ls", state)
+    other_server, other_url = _serve("other", state)
+    state.other_url = other_url
+    yield Servers(state, ls_url, other_url)
+    for server in (ls_server, other_server):
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def servers(_servers: Servers, monkeypatch: pytest.MonkeyPatch) -> Servers:
+    _servers.state.reset()
+    # Settings are built explicitly below; no environment variable may leak in.
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    return _servers
+
+
+def make_settings(
+    ls_url: str | None = None, key: str | None = LEGACY, **overrides: Any
+) -> Settings:
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        label_studio_url=ls_url,
+        label_studio_api_key=SecretStr(key) if key is not None else None,
+        **overrides,
+    )
+
+
+def assert_secret_free(exc: BaseException, *secrets: str) -> None:
+    for secret in (LEGACY, PAT, *secrets):
+        assert secret not in str(exc)
+
+
+# --- URL kinds --------------------------------------------------------------------------
+
+
+def test_upload_url_is_fetched_from_label_studio_with_legacy_token(servers: Servers) -> None:
+    servers.state.files["1/x.png"] = png(24, 16)
+    with ImageLoader(make_settings(servers.ls)) as loader:
+        image = loader.load("/data/upload/1/x.png")
+    assert image.mode == "RGB" and image.size == (24, 16)
+    assert [s.authorization for s in servers.state.requests_to("ls")] == [f"Token {LEGACY}"]
+
+
+def test_label_studio_url_with_trailing_slash_is_joined_cleanly(servers: Servers) -> None:
+    servers.state.files["1/x.png"] = png()
+    with ImageLoader(make_settings(servers.ls + "/")) as loader:
+        loader.load("/data/upload/1/x.png")
+    assert servers.state.requests_to("ls")[0].path == "/data/upload/1/x.png"
+
+
+def test_upload_url_without_label_studio_url_asks_for_it(servers: Servers) -> None:
+    with ImageLoader(make_settings(None)) as loader, pytest.raises(ImageURLError) as err:
+        loader.load("/data/upload/1/x.png")
+    assert "LABEL_STUDIO_URL" in str(err.value)
+
+
+def test_absolute_url_on_label_studio_origin_gets_the_token(servers: Servers) -> None:
+    servers.state.files["1/x.png"] = png()
+    with ImageLoader(make_settings(servers.ls)) as loader:
+        loader.load(f"{servers.ls}/data/upload/1/x.png")
+    assert servers.state.requests_to("ls")[0].authorization == f"Token {LEGACY}"
+
+
+def test_plain_http_url_elsewhere_never_gets_the_token(servers: Servers) -> None:
+    # Same host, another port: another origin.
+    servers.state.files["pic.png"] = png(10, 12)
+    with ImageLoader(make_settings(servers.ls)) as loader:
+        image = loader.load(f"{servers.other}/public/pic.png")
+    assert image.size == (10, 12)
+    assert [s.authorization for s in servers.state.requests_to("other")] == [None]
+    assert servers.state.requests_to("ls") == []
+
+
+def test_redirect_from_label_studio_to_another_origin_drops_the_token(servers: Servers) -> None:
+    servers.state.files["moved.png"] = png(5, 7)
+    with ImageLoader(make_settings(servers.ls)) as loader:
+        image = loader.load(f"{servers.ls}/redirect-away/moved.png")
+    assert image.size == (5, 7)
+    assert servers.state.requests_to("ls")[0].authorization == f"Token {LEGACY}"
+    assert [s.authorization for s in servers.state.requests_to("other")] == [None]
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://bucket/dir/a b.png",
+        "gs://bucket/c.png",
+        "gcs://bucket/d.png",
+        "azure-blob://box/e.png",
+    ],
+)
+def test_cloud_uri_is_presigned_by_label_studio_and_signed_url_gets_no_token(
+    servers: Servers, uri: str
+) -> None:
+    name = uri.rsplit("/", 1)[-1]
+    servers.state.files[name] = png(9, 9)
+    with ImageLoader(make_settings(servers.ls)) as loader:
+        image = loader.load(uri, task_id=7)
+    assert image.size == (9, 9)
+    (presign,) = servers.state.requests_to("ls")
+    assert presign.path == "/tasks/7/presign/"
+    assert base64.urlsafe_b64decode(presign.query["fileuri"][0]).decode() == uri
+    assert presign.authorization == f"Token {LEGACY}"
+    (signed,) = servers.state.requests_to("other")
+    assert signed.authorization is None
+    assert signed.query["X-Amz-Signature"] == ["s3cr3t"]
+
+
+def test_cloud_uri_without_task_id_is_refused(servers: Servers) -> None:
+    with ImageLoader(make_settings(servers.ls)) as loader, pytest.raises(ImageURLError) as err:
+        loader.load("s3://bucket/x.png")
+    assert "task id" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("file:///etc/passwd", "file"),
+        ("ftp://example.com/x.png", "ftp"),
+        ("data:image/png;base64,AAAA", "data"),
+        ("", "empty"),
+        ("   ", "empty"),
+        (42, "int"),
+        (None, "NoneType"),
+        ("images/x.png", "/data/"),
+        ("//example.com/x.png", "scheme"),
+    ],
+)
+def test_unsupported_urls_are_refused_naming_the_problem(
+    servers: Servers, url: Any, named: str
+) -> None:
+    with ImageLoader(make_settings(servers.ls)) as loader, pytest.raises(ImageURLError) as err:
+        loader.load(url)
+    assert named in str(err.value)
+    assert servers.state.seen == []
+
+
+# --- tokens -------------------------------------------------------------------------------
+
+
+def test_personal_access_token_is_exchanged_for_a_cached_bearer_token(servers: Servers) -> None:
+    servers.state.files["1/x.png"] = png()
+    with ImageLoader(make_settings(servers.ls, PAT)) as loader:
+        loader.load("/data/upload/1/x.png")
+        loader.load("/data/upload/1/x.png")
+    assert servers.state.refreshes == 1
+    gets = [s for s in servers.state.requests_to("ls") if s.method == "GET"]
+    (access,) = servers.state.valid_access
+    assert [s.authorization for s in gets] == [f"Bearer {access}"] * 2
+    assert all(PAT not in (s.authorization or "") for s in servers.state.seen)
+
+
+def test_expired_access_token_is_refreshed_before_use(servers: Servers) -> None:
+    servers.state.access_lifetime = 0  # every access token is born expired
+    servers.state.files["1/x.png"] = png()
+    with ImageLoader(make_settings(servers.ls, PAT)) as loader:
+        loader.load("/data/upload/1/x.png")
+        loader.load("/data/upload/1/x.png")
+    assert servers.state.refreshes == 2
+
+
+def test_access_token_refused_with_401_is_refreshed_once_and_retried(servers: Servers) -> None:
+    servers.state.files["1/x.png"] = png()
+    with ImageLoader(make_settings(servers.ls, PAT)) as loader:
+        loader.load("/data/upload/1/x.png")
+        servers.state.valid_access.clear()  # Label Studio revoked it
+        image = loader.load("/data/upload/1/x.png")
+    assert image.size == (24, 16)
+    assert servers.state.refreshes == 2
+    statuses = [(s.method, s.path) for s in servers.state.requests_to("ls")]
+    assert statuses == [
+        ("POST", "/api/token/refresh"),
+        ("GET", "/data/upload/1/x.png"),
+        ("GET", "/data/upload/1/x.png"),  # 401
+        ("POST", "/api/token/refresh"),
+        ("GET", "/data/upload/1/x.png"),
+    ]
+
+
+def test_threads_sharing_a_loader_refresh_the_token_once(servers: Servers) -> None:
+    servers.state.files["1/x.png"] = png()
+    servers.state.refresh_delay = 0.2  # widen the race window
+    with ImageLoader(make_settings(servers.ls, PAT)) as loader, ThreadPoolExecutor(6) as pool:
+        images = list(pool.map(lambda _: loader.load("/data/upload/1/x.png"), range(6)))
+    assert len(images) == 6
+    assert servers.state.refreshes == 1
+
+
+def test_revoked_personal_access_token_error_names_the_setting(servers: Servers) -> None:
+    with (
+        ImageLoader(make_settings(servers.ls, OTHER_PAT)) as loader,
+        pytest.raises(ImageUnreachable) as err,
+    ):
+        loader.load("/data/upload/1/x.png")
+    assert "LABEL_STUDIO_API_KEY" in str(err.value) and "401" in str(err.value)
+    assert_secret_free(err.value, OTHER_PAT)
+
+
+def test_wrong_legacy_token_error_says_the_token_was_refused(servers: Servers) -> None:
+    wrong = "f" * 40
+    with (
+        ImageLoader(make_settings(servers.ls, wrong)) as loader,
+        pytest.raises(ImageUnreachable) as err,
+    ):
+        loader.load("/data/upload/1/x.png")
+    message = str(err.value)
+    assert "refused the token" in message and "LABEL_STUDIO_API_KEY" in message
+    assert_secret_free(err.value, wrong)
+
+
+def test_missing_token_error_asks_for_one(servers: Servers) -> None:
+    with (
+        ImageLoader(make_settings(servers.ls, None)) as loader,
+        pytest.raises(ImageUnreachable) as err,
+    ):
+        loader.load("/data/upload/1/x.png")
+    assert "set LABEL_STUDIO_API_KEY" in str(err.value)
+
+
+def test_auth_never_sends_the_token_to_another_origin_even_client_wide(servers: Servers) -> None:
+    servers.state.files["pic.png"] = png()
+    auth = LabelStudioAuth(PAT, servers.ls)
+    with httpx.Client(auth=auth) as client:
+        assert client.get(f"{servers.other}/public/pic.png").status_code == 200
+    assert [s.authorization for s in servers.state.seen] == [None]
+    assert PAT not in repr(auth)
+
+
+def test_auth_works_with_an_async_client(servers: Servers) -> None:
+    servers.state.files["1/x.png"] = png()
+
+    async def fetch() -> int:
+        async with httpx.AsyncClient(auth=LabelStudioAuth(PAT, servers.ls)) as client:
+            return (await client.get(f"{servers.ls}/data/upload/1/x.png")).status_code
+
+    assert asyncio.run(fetch()) == 200
+    assert servers.state.refreshes == 1
+
+
+def test_token_helpers() -> None:
+    assert is_personal_access_token(PAT)
+    assert not is_personal_access_token(LEGACY)
+    assert jwt_claims(PAT)["jti"] == "pat-1"
+    assert jwt_claims("not.a-jwt.at all") == {}
+    assert same_origin("http://LS:80/a", "http://ls/b")
+    assert same_origin("https://ls/a", "https://ls:443")
+    assert not same_origin("http://ls/a", "https://ls/a")
+    assert not same_origin("http://ls:8080/a", "http://ls:8081/a")
+    assert not same_origin("/data/upload/x", "/data/upload/x")
+    assert not same_origin("http://ls:bad/", "http://ls:bad/")
+
+
+# --- local files ------------------------------------------------------------------------
+
+
+def test_local_files_are_read_directly_under_the_document_root(
+    servers: Servers, tmp_path: Path
+) -> None:
+    (tmp_path / "sub dir").mkdir()
+    (tmp_path / "sub dir" / "a+b.png").write_bytes(png(3, 4))
+    settings = make_settings(servers.ls, local_files_document_root=tmp_path)
+    with ImageLoader(settings) as loader:
+        relative = loader.load("/data/local-files/?d=sub%20dir/a%2Bb.png")
+        absolute = loader.load(f"{servers.ls}/data/local-files/?d=sub%20dir/a%2Bb.png")
+    assert relative.size == absolute.size == (3, 4)
+    assert servers.state.seen == []  # Label Studio was never asked
+
+
+def test_local_files_work_without_label_studio_url(servers: Servers, tmp_path: Path) -> None:
+    (tmp_path / "x.png").write_bytes(png(3, 4))
+    settings = make_settings(None, None, local_files_document_root=tmp_path)
+    with ImageLoader(settings) as loader:
+        assert loader.load("/data/local-files/?d=x.png").size == (3, 4)
+
+
+def test_local_files_without_root_are_fetched_from_label_studio(servers: Servers) -> None:
+    servers.state.files["imgs/x.png"] = png(6, 2)
+    with ImageLoader(make_settings(servers.ls)) as loader:
+        image = loader.load("/data/local-files/?d=imgs/x.png")
+    assert image.size == (6, 2)
+    (seen,) = servers.state.requests_to("ls")
+    assert seen.query["d"] == ["imgs/x.png"] and seen.authorization == f"Token {LEGACY}"
+
+
+@pytest.mark.parametrize(
+    "d", ["../secret.png", "%2e%2e/secret.png", "sub/../../secret.png", "/../secret.png"]
+)
+def test_local_files_dotdot_escape_is_forbidden(tmp_path: Path, d: str) -> None:
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (tmp_path / "secret.png").write_bytes(png())
+    settings = make_settings(None, None, local_files_document_root=root)
+    with ImageLoader(settings) as loader, pytest.raises(ImageForbidden) as err:
+        loader.load(f"/data/local-files/?d={d}")
+    assert "LOCAL_FILES_DOCUMENT_ROOT" in str(err.value)
+    assert str(tmp_path) not in str(err.value)
+
+
+def test_local_files_symlink_escape_is_forbidden(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "secret.png").write_bytes(png())
+    (root / "inside.png").write_bytes(png(2, 2))
+    (root / "link.png").symlink_to(tmp_path / "secret.png")
+    (root / "dirlink").symlink_to(tmp_path)
+    (root / "ok-link.png").symlink_to(root / "inside.png")
+    settings = make_settings(None, None, local_files_document_root=root)
+    with ImageLoader(settings) as loader:
+        for d in ("link.png", "dirlink/secret.png"):
+            with pytest.raises(ImageForbidden):
+                loader.load(f"/data/local-files/?d={d}")
+        assert loader.load("/data/local-files/?d=ok-link.png").size == (2, 2)
+
+
+def test_missing_local_file_names_the_path_relative_to_the_root(tmp_path: Path) -> None:
+    settings = make_settings(None, None, local_files_document_root=tmp_path)
+    with ImageLoader(settings) as loader, pytest.raises(ImageUnreachable) as err:
+        loader.load("/data/local-files/?d=sub/missing.png")
+    assert "'sub/missing.png'" in str(err.value)
+    assert str(tmp_path) not in str(err.value)
+
+
+def test_local_file_over_the_byte_limit_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "x.png").write_bytes(noise_png())
+    settings = make_settings(None, None, local_files_document_root=tmp_path, max_image_bytes=1000)
+    with ImageLoader(settings) as loader, pytest.raises(ImageTooLarge) as err:
+        loader.load("/data/local-files/?d=x.png")
+    assert "MAX_IMAGE_BYTES" in str(err.value)
+
+
+def test_load_local_image_for_the_cli(tmp_path: Path) -> None:
+    (tmp_path / "x.jpg").write_bytes(jpeg_with_orientation(40, 20, 6))
+    settings = make_settings()
+    assert load_local_image(tmp_path / "x.jpg", settings).size == (20, 40)
+    with pytest.raises(ImageUnreachable):
+        load_local_image(tmp_path / "nope.png", settings)
+    with pytest.raises(ImageUnreachable):
+        load_local_image(tmp_path, settings)  # a directory
+
+
+# --- network limits -----------------------------------------------------------------------
+
+
+def test_slow_server_times_out_naming_the_setting(servers: Servers) -> None:
+    settings = make_settings(servers.ls, image_read_timeout=0.2)
+    started = time.monotonic()
+    with ImageLoader(settings) as loader, pytest.raises(ImageUnreachable) as err:
+        loader.load(f"{servers.ls}/slow")
+    assert time.monotonic() - started < 0.9
+    assert "timed out" in str(err.value) and "IMAGE_READ_TIMEOUT" in str(err.value)
+
+
+def test_connect_timeout_names_the_setting() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectTimeout("timed out", request=request)
+
+    client = httpx.Client(transport=httpx.MockTransport(refuse))
+    with (
+        ImageLoader(make_settings(), client=client) as loader,
+        pytest.raises(ImageUnreachable) as err,
+    ):
+        loader.load("http://example.invalid/x.png")
+    assert "timed out" in str(err.value) and "IMAGE_CONNECT_TIMEOUT" in str(err.value)
+    client.close()
+
+
+def test_connection_refused_is_unreachable() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with ImageLoader(make_settings()) as loader, pytest.raises(ImageUnreachable) as err:
+        loader.load(f"http://127.0.0.1:{port}/x.png")
+    assert "cannot connect" in str(err.value)
+
+
+@pytest.mark.parametrize("code", [404, 500, 503])
+def test_http_error_status_is_unreachable_with_the_code(servers: Servers, code: int) -> None:
+    with ImageLoader(make_settings(servers.ls)) as loader, pytest.raises(ImageUnreachable) as err:
+        loader.load(f"{servers.ls}/status/{code}")
+    assert str(code) in str(err.value)
+
+
+def test_redirect_loop_is_bounded(servers: Servers) -> None:
+    with ImageLoader(make_settings(servers.ls)) as loader, pytest.raises(ImageUnreachable) as err:
+        loader.load(f"{servers.ls}/loop")
+    assert "redirects" in str(err.value)
+    assert len(servers.state.seen) <= 6
+
+
+def test_declared_content_length_over_the_limit_is_refused_before_reading(
+    servers: Servers,
+) -> None:
+    settings = make_settings(servers.ls, max_image_bytes=100_000)
+    with ImageLoader(settings) as loader, pytest.raises(ImageTooLarge) as err:
+        loader.load(f"{servers.ls}/big-declared")
+    assert "MAX_IMAGE_BYTES" in str(err.value) and "50.0 MiB" in str(err.value)
+
+
+def test_undeclared_body_over_the_limit_stops_the_download_early(servers: Servers) -> None:
+    settings = make_settings(servers.ls, max_image_bytes=100_000)
+    with ImageLoader(settings) as loader, pytest.raises(ImageTooLarge) as err:
+        loader.load(f"{servers.ls}/big-undeclared")
+    assert "MAX_IMAGE_BYTES" in str(err.value)
+    deadline = time.monotonic() + 2
+    while servers.state.streamed_bytes == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert 0 < servers.state.streamed_bytes < 32 * 2**20  # the server was cut off
+
+
+def test_body_shorter_than_its_content_length_is_unreachable(servers: Servers) -> None:
+    with ImageLoader(make_settings(servers.ls)) as loader, pytest.raises(ImageUnreachable) as err:
+        loader.load(f"{servers.ls}/short-body")
+    assert "closed before" in str(err.value)
+
+
+# --- decoding -----------------------------------------------------------------------------
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding() -> None:
+    # The header claims 5000x5000 but there are no pixels behind it: only a header check
+    # can answer "too large" rather than "truncated".
+    settings = make_settings(max_image_pixels=1_000_000)
+    with pytest.raises(ImageTooLarge) as err:
+        decode_image(png_header_claiming(5000, 5000), settings)
+    message = str(err.value)
+    assert "5000x5000" in message and "25 megapixels" in message
+    assert "MAX_IMAGE_PIXELS" in message
+
+
+def test_decompression_bomb_header_is_too_large() -> None:
+    with pytest.raises(ImageTooLarge) as err:
+        decode_image(png_header_claiming(100_000, 100_000), make_settings())
+    assert "MAX_IMAGE_PIXELS" in str(err.value) and "megapixels" in str(err.value)
+
+
+def test_pixel_limit_applies_to_downloads(servers: Servers) -> None:
+    servers.state.files["1/x.png"] = png(20, 20)
+    with (
+        ImageLoader(make_settings(servers.ls, max_image_pixels=100)) as loader,
+        pytest.raises(ImageTooLarge) as err,
+    ):
+        loader.load("/data/upload/1/x.png")
+    assert "20x20" in str(err.value)
+
+
+def test_format_outside_the_allowed_list_is_refused_naming_both() -> None:
+    settings = make_settings(allowed_image_formats=["PNG", "JPEG"])
+    with pytest.raises(ImageFormatError) as err:
+        decode_image(gif(), settings)
+    message = str(err.value)
+    assert "GIF" in message and "ALLOWED_IMAGE_FORMATS" in message and "PNG, JPEG" in message
+    # Allowed by default.
+    assert decode_image(gif(), make_settings()).mode == "RGB"
+
+
+def test_comma_separated_formats_setting_is_honoured() -> None:
+    settings = make_settings(allowed_image_formats="png, jpeg")
+    with pytest.raises(ImageFormatError):
+        decode_image(gif(), settings)
+    assert decode_image(png(), settings).size == (24, 16)
+
+
+def test_truncated_image_fails_even_when_pil_is_told_to_load_truncated_images(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    data = noise_png()
+    with pytest.raises(ImageFormatError) as err:
+        decode_image(data[: len(data) // 2], make_settings())
+    assert "truncated or not an image" in str(err.value)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the global is left as found
+
+
+@pytest.mark.parametrize("data", [b"", b"hello, not an image", png()[:20]])
+def test_undecodable_bytes_are_a_format_error(data: bytes) -> None:
+    with pytest.raises(ImageFormatError) as err:
+        decode_image(data, make_settings())
+    assert "truncated or not an image" in str(err.value)
+
+
+def test_exif_orientation_is_applied(servers: Servers) -> None:
+    servers.state.files["1/phone.jpg"] = jpeg_with_orientation(40, 20, 6)
+    with ImageLoader(make_settings(servers.ls)) as loader:
+        image = loader.load("/data/upload/1/phone.jpg")
+    assert image.size == (20, 40)
+    assert image.mode == "RGB"
+
+
+def test_transparent_and_16_bit_images_become_rgb() -> None:
+    out = io.BytesIO()
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(out, "PNG")
+    rgba = decode_image(out.getvalue(), make_settings())
+    assert rgba.mode == "RGB" and rgba.getpixel((0, 0)) == (255, 255, 255)
+
+    deep = Image.new("I;16", (4, 4), 0)
+    deep.putpixel((1, 1), 30000)
+    deep.putpixel((2, 2), 60000)
+    out = io.BytesIO()
+    deep.save(out, "PNG")
+    grey = decode_image(out.getvalue(), make_settings())
+    assert grey.mode == "RGB"
+    assert grey.getpixel((0, 0)) == (0, 0, 0)
+    assert grey.getpixel((2, 2)) == (255, 255, 255)
+    middle = grey.getpixel((1, 1))
+    assert isinstance(middle, tuple) and 100 < middle[0] < 155  # scaled, not clipped
+
+
+def test_error_messages_never_contain_the_token(servers: Servers, tmp_path: Path) -> None:
+    # The access token Label Studio issues is a secret too.
+    servers.state.files["bad.png"] = b"not an image"
+    urls = [
+        "/data/upload/missing.png",
+        "/data/upload/bad.png",
+        f"{servers.ls}/status/500",
+        f"{servers.ls}/short-body",
+        f"{servers.ls}/data/local-files/?d=../../etc/passwd",
+        "ftp://x/y.png",
+        "s3://bucket/none.png",
+    ]
+    for key in (LEGACY, PAT):
+        with ImageLoader(make_settings(servers.ls, key)) as loader:
+            for url in urls:
+                with pytest.raises(ImageError) as err:
+                    loader.load(url, task_id=1 if url.startswith("s3") else None)
+                assert_secret_free(err.value, *servers.state.valid_access)

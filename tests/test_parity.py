@@ -1,0 +1,96 @@
+"""Sliced inference equals sahi's ``get_sliced_prediction`` on the same model, image and parameters.
+
+sahi is given the very model and image processor the backend serves with; our pipeline
+batches the windows and merges with tensor code, sahi runs window by window through its
+per-box objects. The merged boxes must match one to one (IoU > 0.99, same label, score
+within 1e-3).
+
+Score rule: sahi's transformers adapter keeps a DETR query when its arg-max over all
+classes *including no-object* is a real class above the threshold; the image processor's
+own ``post_process_object_detection`` (which the backend uses, so every DETR family is
+decoded as its authors decode it) takes the best real class. The two agree whenever the
+threshold is at least 0.5, so parity is checked at 0.5 and 0.7.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from sahi.models.huggingface import HuggingfaceDetectionModel
+from sahi.predict import get_sliced_prediction
+from test_slicing import assert_same_detections
+from tiny_models import draw_scene
+
+from backend.detector import Detector
+from backend.predict import SliceConfig, sliced_detect
+from backend.slicing import Detections
+
+
+@pytest.fixture(scope="module")
+def scene_pixels() -> np.ndarray:
+    # 20 small squares on a 600x450 image: many windows see the same square.
+    return np.asarray(draw_scene(600, 450, 20, random.Random(11)).image)
+
+
+def _sahi(detector: Detector, pixels: np.ndarray, cfg: SliceConfig, threshold: float) -> Detections:
+    model = HuggingfaceDetectionModel(
+        model=detector.model,
+        processor=detector.processor,
+        confidence_threshold=threshold,
+        device="cpu",
+    )
+    result = get_sliced_prediction(
+        pixels,
+        model,
+        slice_height=cfg.slice_height,
+        slice_width=cfg.slice_width,
+        overlap_height_ratio=cfg.overlap_height_ratio,
+        overlap_width_ratio=cfg.overlap_width_ratio,
+        perform_standard_pred=cfg.full_image_pass,
+        postprocess_type=cfg.merge_type,
+        postprocess_match_metric=cfg.merge_metric,
+        postprocess_match_threshold=cfg.merge_threshold,
+        postprocess_class_agnostic=cfg.class_agnostic,
+        verbose=0,
+    )
+    preds = result.object_prediction_list
+    return Detections(
+        torch.tensor([p.bbox.to_xyxy() for p in preds], dtype=torch.float32).reshape(-1, 4),
+        torch.tensor([p.score.value for p in preds], dtype=torch.float32),
+        torch.tensor([p.category.id for p in preds], dtype=torch.int64),
+    )
+
+
+@pytest.mark.parametrize("merge_type", ["NMS", "GREEDYNMM"])
+@pytest.mark.parametrize("metric", ["IOU", "IOS"])
+@pytest.mark.parametrize("threshold", [0.5, 0.7])
+def test_sliced_boxes_equal_sahis(
+    detector: Detector, scene_pixels: np.ndarray, merge_type: str, metric: str, threshold: float
+) -> None:
+    cfg = SliceConfig(
+        slice_height=128,
+        slice_width=128,
+        overlap_height_ratio=0.2,
+        overlap_width_ratio=0.2,
+        merge_type=merge_type,  # type: ignore[arg-type]
+        merge_metric=metric,  # type: ignore[arg-type]
+        window_batch_size=8,
+    )
+    ours = sliced_detect(detector, scene_pixels, cfg, threshold)
+    theirs = _sahi(detector, scene_pixels, cfg, threshold)
+    assert len(theirs) > 5, "the comparison needs boxes to compare"
+    assert_same_detections(ours, theirs, score_tol=1e-3)
+
+
+def test_parity_holds_without_the_full_image_pass_and_class_agnostic(
+    detector: Detector, scene_pixels: np.ndarray
+) -> None:
+    cfg = SliceConfig(slice_height=160, slice_width=160, full_image_pass=False, class_agnostic=True)
+    assert_same_detections(
+        sliced_detect(detector, scene_pixels, cfg, 0.5),
+        _sahi(detector, scene_pixels, cfg, 0.5),
+        1e-3,
+    )

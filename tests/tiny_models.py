@@ -1,0 +1,200 @@
+"""Small detectors and classifiers, built from configs and trained briefly on synthetic images.
+
+No weights come from a hub: each model is built from a config, trained a few hundred
+steps on coloured squares so that its predictions are real, and saved with
+``save_pretrained`` (safetensors) so the backend loads it exactly as it loads a hub model.
+
+The scenes: a grey, noisy background with red squares ("car") and blue squares
+("person"), 10-30 px on a side. Detection is learnt at 128 px, so in a large image the
+squares are only found at native scale, i.e. in slices: the case SAHI exists for.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+    DetrConfig,
+    DetrForObjectDetection,
+    DetrImageProcessor,
+    ResNetConfig,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+)
+
+DETECTOR_CLASSES = ("car", "person")
+CLASS_COLOURS = {"car": (220, 30, 30), "person": (30, 60, 220)}
+SCENE_CLASSES = ("street", "beach")
+SCENE_COLOURS = {"street": (95, 95, 95), "beach": (215, 190, 120)}
+TRAIN_SIZE = 128
+
+
+@dataclass
+class Scene:
+    image: Image.Image
+    boxes: list[tuple[int, int, int, int]]  # x1, y1, x2, y2
+    labels: list[str]
+
+
+def draw_scene(
+    width: int,
+    height: int,
+    n_objects: int,
+    rng: random.Random,
+    min_side: int = 10,
+    max_side: int = 30,
+    background: tuple[int, int, int] = (128, 128, 128),
+) -> Scene:
+    """A noisy background with non-overlapping coloured squares."""
+    noise = np.random.default_rng(rng.randrange(2**31)).integers(-12, 13, (height, width, 3))
+    pixels = np.clip(np.array(background, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+    boxes: list[tuple[int, int, int, int]] = []
+    labels: list[str] = []
+    for _ in range(n_objects * 20):
+        if len(boxes) == n_objects:
+            break
+        side = rng.randint(min_side, max_side)
+        x, y = rng.randint(0, width - side), rng.randint(0, height - side)
+        box = (x, y, x + side, y + side)
+        if any(
+            not (box[2] + 4 < b[0] or b[2] + 4 < box[0] or box[3] + 4 < b[1] or b[3] + 4 < box[1])
+            for b in boxes
+        ):
+            continue
+        label = rng.choice(DETECTOR_CLASSES)
+        pixels[y : y + side, x : x + side] = CLASS_COLOURS[label]
+        boxes.append(box)
+        labels.append(label)
+    return Scene(Image.fromarray(pixels), boxes, labels)
+
+
+def tiny_detr_config(stages: int = 3) -> DetrConfig:
+    # Three ResNet stages (stride 16): an 8x8 feature map at 128 px, fine enough to place
+    # 10-30 px squares; the usual four (stride 32) leave 4x4 cells and boxes barely move.
+    backbone = ResNetConfig(
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64, 128][:stages],
+        depths=[1] * stages,
+        layer_type="basic",
+        out_features=[f"stage{i + 1}" for i in range(stages)],
+    )
+    return DetrConfig(
+        backbone_config=backbone,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        num_queries=12,
+        id2label=dict(enumerate(DETECTOR_CLASSES)),
+        label2id={name: i for i, name in enumerate(DETECTOR_CLASSES)},
+        dropout=0.0,
+        eos_coefficient=0.2,
+    )
+
+
+def detr_processor(size: int = TRAIN_SIZE) -> DetrImageProcessor:
+    return DetrImageProcessor(size={"shortest_edge": size, "longest_edge": size * 2})
+
+
+def _detr_targets(scenes: list[Scene]) -> list[dict[str, torch.Tensor]]:
+    targets = []
+    for s in scenes:
+        w, h = s.image.size
+        boxes = torch.tensor(s.boxes, dtype=torch.float32)
+        cxcywh = torch.stack(
+            [
+                (boxes[:, 0] + boxes[:, 2]) / 2 / w,
+                (boxes[:, 1] + boxes[:, 3]) / 2 / h,
+                (boxes[:, 2] - boxes[:, 0]) / w,
+                (boxes[:, 3] - boxes[:, 1]) / h,
+            ],
+            dim=1,
+        )
+        labels = torch.tensor([DETECTOR_CLASSES.index(name) for name in s.labels])
+        targets.append({"class_labels": labels, "boxes": cxcywh})
+    return targets
+
+
+def train_tiny_detr(out_dir: Path, steps: int = 600, seed: int = 0) -> Path:
+    """Train a 0.5 M-parameter DETR on 128 px scenes and save it (model + processor)."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = DetrForObjectDetection(tiny_detr_config())
+    processor = detr_processor()
+    heads = [
+        p
+        for n, p in model.named_parameters()
+        if "class_labels_classifier" in n or "bbox_predictor" in n
+    ]
+    head_ids = {id(p) for p in heads}
+    rest = [p for p in model.parameters() if id(p) not in head_ids]
+    optimizer = torch.optim.AdamW(
+        [{"params": rest, "lr": 5e-4}, {"params": heads, "lr": 2e-3}], weight_decay=1e-4
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[5e-4, 2e-3], total_steps=steps, pct_start=0.1
+    )
+    model.train()
+    for _ in range(steps):
+        scenes = [draw_scene(TRAIN_SIZE, TRAIN_SIZE, rng.randint(1, 3), rng) for _ in range(8)]
+        inputs = processor(images=[s.image for s in scenes], return_tensors="pt")
+        out = model(pixel_values=inputs["pixel_values"], labels=_detr_targets(scenes))
+        optimizer.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def random_detr(out_dir: Path, seed: int = 0) -> Path:
+    """An untrained tiny DETR, saved like a checkpoint (for loading and error tests)."""
+    torch.manual_seed(seed)
+    DetrForObjectDetection(tiny_detr_config()).save_pretrained(out_dir)
+    detr_processor().save_pretrained(out_dir)
+    return out_dir
+
+
+def train_tiny_vit(out_dir: Path, steps: int = 60, seed: int = 0) -> Path:
+    """A 2-layer ViT told street (grey) from beach (sand) scenes, saved with its processor."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        id2label=dict(enumerate(SCENE_CLASSES)),
+        label2id={name: i for i, name in enumerate(SCENE_CLASSES)},
+    )
+    model = ViTForImageClassification(config)
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        names = [rng.choice(SCENE_CLASSES) for _ in range(16)]
+        images = [draw_scene(64, 48, 2, rng, background=SCENE_COLOURS[n]).image for n in names]
+        inputs = processor(images=images, return_tensors="pt")
+        labels = torch.tensor([SCENE_CLASSES.index(n) for n in names])
+        loss = model(pixel_values=inputs["pixel_values"], labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
