@@ -77,9 +77,8 @@ class Detector:
         result = []
         for item, (h, w) in zip(decoded, sizes, strict=True):
             boxes = clip_boxes(item["boxes"].float(), width=w, height=h)
-            result.append(
-                Detections(boxes.cpu(), item["scores"].float().cpu(), item["labels"].long().cpu())
-            )
+            det = Detections(boxes.cpu(), item["scores"].float().cpu(), item["labels"].long().cpu())
+            result.append(best_class_per_box(det))
         return result
 
     def detect(self, images: Sequence[np.ndarray], threshold: float) -> list[Detections]:
@@ -90,3 +89,22 @@ class Detector:
         return self.postprocess(
             outputs, [(img.shape[0], img.shape[1]) for img in images], threshold
         )
+
+
+def best_class_per_box(det: Detections) -> Detections:
+    """One label per predicted box: the highest-scoring one.
+
+    Sigmoid-decoded families (Conditional / Deformable DETR, RT-DETR) rank every
+    (query, class) pair, so at low thresholds one query can come back as the same box
+    twice with two labels. An annotator wants one box per object; exact coordinate
+    equality identifies the query.
+    """
+    if len(det) <= 1:
+        return det
+    _, group = torch.unique(det.boxes, dim=0, return_inverse=True)
+    if int(group.max()) + 1 == len(det):
+        return det
+    best: dict[int, int] = {}
+    for i in torch.argsort(det.scores, descending=True, stable=True).tolist():
+        best.setdefault(int(group[i]), i)
+    return det.select(torch.tensor(sorted(best.values()), dtype=torch.int64))

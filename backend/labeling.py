@@ -268,7 +268,9 @@ def parse_label_config(xml: str) -> LabelConfig:
         if (to_name and to_name not in images) or per_region:
             # Controls on text, audio... and per-region choices are for other backends
             # (or for the annotator): skip them rather than refuse the whole project.
-            skipped.append(f"{_describe(element)} (toName={to_name!r}{', perRegion' if per_region else ''})")
+            skipped.append(
+                f"{_describe(element)} (toName={to_name!r}{', perRegion' if per_region else ''})"
+            )
             continue
         if tag == "rectanglelabels":
             rectangles.append(_parse_control(element, "rectanglelabels", images))

@@ -237,7 +237,7 @@ class Predictor:
     ) -> list[dict[str, Any]]:
         """Label Studio result items for the controls of ``config`` that point at ``image_key``."""
         timings = timings or Timings()
-        pixels = np.asarray(image.convert("RGB"))
+        pixels = np.array(image.convert("RGB"))  # writable: torch.from_numpy warns on read-only
         width, height = image.size
         rect_tags = [t for t in config.rectangles if image_key in (None, t.image_key)]
         choice_tags = [t for t in config.choices if image_key in (None, t.image_key)]

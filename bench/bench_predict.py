@@ -33,11 +33,13 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
-from PIL import Image
 from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from conftest import start_uvicorn, stop_uvicorn  # noqa: E402
+from tiny_models import draw_scene  # noqa: E402
 
 from backend.detector import Detector  # noqa: E402
 from backend.predict import ModelBundle, SliceConfig  # noqa: E402
@@ -45,8 +47,6 @@ from backend.server import create_app  # noqa: E402
 from backend.service import Service  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from backend.slicing import slice_windows  # noqa: E402
-from conftest import start_uvicorn, stop_uvicorn  # noqa: E402
-from tiny_models import draw_scene  # noqa: E402
 
 CONFIG = (
     '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
@@ -92,9 +92,18 @@ def time_predict(url: str, ls_url: str) -> float:
 def time_forward(detector: Detector, pixels: np.ndarray, cfg: SliceConfig) -> float:
     """Model forward only, on the same windows and batches as the pipeline."""
     height, width = pixels.shape[:2]
-    windows = slice_windows(height, width, cfg.slice_height, cfg.slice_width, cfg.overlap_height_ratio, cfg.overlap_width_ratio).tolist()
+    windows = slice_windows(
+        height,
+        width,
+        cfg.slice_height,
+        cfg.slice_width,
+        cfg.overlap_height_ratio,
+        cfg.overlap_width_ratio,
+    ).tolist()
     crops = [pixels[y1:y2, x1:x2] for x1, y1, x2, y2 in windows]
-    batches = [crops[i : i + cfg.window_batch_size] for i in range(0, len(crops), cfg.window_batch_size)]
+    batches = [
+        crops[i : i + cfg.window_batch_size] for i in range(0, len(crops), cfg.window_batch_size)
+    ]
     if cfg.full_image_pass and len(windows) > 1:
         batches.append([pixels])
     inputs = [detector.preprocess(batch) for batch in batches]
@@ -108,7 +117,12 @@ def time_sahi(detector: Detector, pixels: np.ndarray, cfg: SliceConfig, threshol
     from sahi.models.huggingface import HuggingfaceDetectionModel
     from sahi.predict import get_sliced_prediction
 
-    model = HuggingfaceDetectionModel(model=detector.model, processor=detector.processor, confidence_threshold=threshold, device="cpu")
+    model = HuggingfaceDetectionModel(
+        model=detector.model,
+        processor=detector.processor,
+        confidence_threshold=threshold,
+        device="cpu",
+    )
     start = time.perf_counter()
     get_sliced_prediction(
         pixels,
@@ -127,7 +141,9 @@ def time_sahi(detector: Detector, pixels: np.ndarray, cfg: SliceConfig, threshol
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--width", type=int, default=4000)
     parser.add_argument("--height", type=int, default=3000)
     parser.add_argument("--slice", type=int, default=512)
@@ -158,18 +174,29 @@ def main() -> None:
     httpd, ls_url = serve_folder(images)
     settings = settings.model_copy(update={"label_studio_url": ls_url})
     live = start_uvicorn(create_app(settings, Service(settings, ModelBundle(detector, None))))
-    n_windows = len(slice_windows(args.height, args.width, args.slice, args.slice, args.overlap, args.overlap))
-    print(f"image {args.width}x{args.height}, {n_windows} windows of {args.slice} px + full image, "
-          f"torch threads {torch.get_num_threads()}, window batch {args.window_batch}", flush=True)
+    n_windows = len(
+        slice_windows(args.height, args.width, args.slice, args.slice, args.overlap, args.overlap)
+    )
+    print(
+        f"image {args.width}x{args.height}, {n_windows} windows of {args.slice} px + full image, "
+        f"torch threads {torch.get_num_threads()}, window batch {args.window_batch}",
+        flush=True,
+    )
 
-    rows: dict[str, list[float]] = {"predict (HTTP)": [], "model forward only": [], "sahi get_sliced_prediction": []}
+    rows: dict[str, list[float]] = {
+        "predict (HTTP)": [],
+        "model forward only": [],
+        "sahi get_sliced_prediction": [],
+    }
     try:
         time_predict(live.url, ls_url)  # warm-up: first-call allocations, lazy imports
         for _ in range(args.repeats):
             rows["predict (HTTP)"].append(time_predict(live.url, ls_url))
             rows["model forward only"].append(time_forward(detector, pixels, cfg))
             if not args.skip_sahi:
-                rows["sahi get_sliced_prediction"].append(time_sahi(detector, pixels, cfg, settings.score_threshold))
+                rows["sahi get_sliced_prediction"].append(
+                    time_sahi(detector, pixels, cfg, settings.score_threshold)
+                )
     finally:
         stop_uvicorn(live)
         httpd.shutdown()
@@ -179,8 +206,10 @@ def main() -> None:
     for name, value in med.items():
         print(f"{name:<30}{value:>10.2f}{len(rows[name]):>6}")
     predict, forward = med["predict (HTTP)"], med["model forward only"]
-    print(f"\n/predict over model forward: {predict / forward:.3f}x "
-          f"(overhead {100 * (predict - forward) / predict:.1f}% of the request)")
+    print(
+        f"\n/predict over model forward: {predict / forward:.3f}x "
+        f"(overhead {100 * (predict - forward) / predict:.1f}% of the request)"
+    )
     if "sahi get_sliced_prediction" in med:
         print(f"sahi over /predict: {med['sahi get_sliced_prediction'] / predict:.3f}x")
 

@@ -11,7 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
-    missing = [name.upper() for name in Settings.model_fields if f"| `{name.upper()}` |" not in readme]
+    missing = [
+        name.upper() for name in Settings.model_fields if f"| `{name.upper()}` |" not in readme
+    ]
     assert not missing, f"settings missing from the README table: {missing}"
 
 

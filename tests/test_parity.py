@@ -5,16 +5,19 @@ batches the windows and merges with tensor code, sahi runs window by window thro
 per-box objects. The merged boxes must match one to one (IoU > 0.99, same label, score
 within 1e-3).
 
-Score rule: sahi's transformers adapter keeps a DETR query when its arg-max over all
-classes *including no-object* is a real class above the threshold; the image processor's
-own ``post_process_object_detection`` (which the backend uses, so every DETR family is
-decoded as its authors decode it) takes the best real class. The two agree whenever the
-threshold is at least 0.5, so parity is checked at 0.5 and 0.7.
+Both DETR decodings are covered: Conditional DETR (sigmoid per class) and plain DETR
+(softmax with a no-object class). For the softmax family, sahi's transformers adapter
+keeps a query when its arg-max over all classes *including no-object* is a real class
+above the threshold, while the image processor's own ``post_process_object_detection``
+(which the backend uses, so every family is decoded as its authors decode it) takes the
+best real class. The two agree whenever the threshold is at least 0.5, so plain DETR is
+checked at 0.5 and 0.7, Conditional DETR at 0.3 (the default) and 0.5.
 """
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,12 +67,27 @@ def _sahi(detector: Detector, pixels: np.ndarray, cfg: SliceConfig, threshold: f
     )
 
 
+@pytest.fixture(scope="module")
+def plain_detr(detr_dir: Path) -> Detector:
+    return Detector.load(str(detr_dir), device="cpu")
+
+
 @pytest.mark.parametrize("merge_type", ["NMS", "GREEDYNMM"])
 @pytest.mark.parametrize("metric", ["IOU", "IOS"])
-@pytest.mark.parametrize("threshold", [0.5, 0.7])
+@pytest.mark.parametrize(
+    ("family", "threshold"),
+    [("conditional", 0.3), ("conditional", 0.5), ("detr", 0.5), ("detr", 0.7)],
+)
 def test_sliced_boxes_equal_sahis(
-    detector: Detector, scene_pixels: np.ndarray, merge_type: str, metric: str, threshold: float
+    detector: Detector,
+    plain_detr: Detector,
+    scene_pixels: np.ndarray,
+    merge_type: str,
+    metric: str,
+    family: str,
+    threshold: float,
 ) -> None:
+    model = detector if family == "conditional" else plain_detr
     cfg = SliceConfig(
         slice_height=128,
         slice_width=128,
@@ -79,8 +97,8 @@ def test_sliced_boxes_equal_sahis(
         merge_metric=metric,  # type: ignore[arg-type]
         window_batch_size=8,
     )
-    ours = sliced_detect(detector, scene_pixels, cfg, threshold)
-    theirs = _sahi(detector, scene_pixels, cfg, threshold)
+    ours = sliced_detect(model, scene_pixels, cfg, threshold)
+    theirs = _sahi(model, scene_pixels, cfg, threshold)
     assert len(theirs) > 5, "the comparison needs boxes to compare"
     assert_same_detections(ours, theirs, score_tol=1e-3)
 

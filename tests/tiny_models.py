@@ -5,7 +5,10 @@ steps on coloured squares so that its predictions are real, and saved with
 ``save_pretrained`` (safetensors) so the backend loads it exactly as it loads a hub model.
 
 The scenes: a grey, noisy background with red squares ("car") and blue squares
-("person"), 10-30 px on a side. Detection is learnt at 128 px, so in a large image the
+("person"), 16-40 px on a side. The main fixture is a Conditional DETR (its reference
+points make it learn boxes several times faster than DETR: about 80 % recall at IoU 0.5
+after 3000 steps, against about 10 % for DETR); a briefly trained plain DETR covers the
+softmax family where only its decoding matters. Detection is learnt at 128 px, so in a large image the
 squares are only found at native scale, i.e. in slices: the case SAHI exists for.
 """
 
@@ -14,11 +17,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import (
+    ConditionalDetrConfig,
+    ConditionalDetrForObjectDetection,
+    ConditionalDetrImageProcessor,
     DetrConfig,
     DetrForObjectDetection,
     DetrImageProcessor,
@@ -31,7 +38,7 @@ from transformers import (
 DETECTOR_CLASSES = ("car", "person")
 CLASS_COLOURS = {"car": (220, 30, 30), "person": (30, 60, 220)}
 SCENE_CLASSES = ("street", "beach")
-SCENE_COLOURS = {"street": (95, 95, 95), "beach": (215, 190, 120)}
+SCENE_COLOURS = {"street": (128, 128, 128), "beach": (215, 190, 120)}
 TRAIN_SIZE = 128
 
 
@@ -47,8 +54,8 @@ def draw_scene(
     height: int,
     n_objects: int,
     rng: random.Random,
-    min_side: int = 10,
-    max_side: int = 30,
+    min_side: int = 16,
+    max_side: int = 40,
     background: tuple[int, int, int] = (128, 128, 128),
 ) -> Scene:
     """A noisy background with non-overlapping coloured squares."""
@@ -76,7 +83,7 @@ def draw_scene(
 
 def tiny_detr_config(stages: int = 3) -> DetrConfig:
     # Three ResNet stages (stride 16): an 8x8 feature map at 128 px, fine enough to place
-    # 10-30 px squares; the usual four (stride 32) leave 4x4 cells and boxes barely move.
+    # small squares; the usual four (stride 32) leave 4x4 cells and boxes barely move.
     backbone = ResNetConfig(
         embedding_size=16,
         hidden_sizes=[16, 32, 64, 128][:stages],
@@ -97,19 +104,29 @@ def tiny_detr_config(stages: int = 3) -> DetrConfig:
         id2label=dict(enumerate(DETECTOR_CLASSES)),
         label2id={name: i for i, name in enumerate(DETECTOR_CLASSES)},
         dropout=0.0,
-        eos_coefficient=0.2,
+        auxiliary_loss=True,
     )
 
 
-def detr_processor(size: int = TRAIN_SIZE) -> DetrImageProcessor:
-    return DetrImageProcessor(size={"shortest_edge": size, "longest_edge": size * 2})
+def tiny_conditional_detr_config() -> ConditionalDetrConfig:
+    detr = tiny_detr_config().to_dict()
+    keep = set(ConditionalDetrConfig().to_dict()) - {"model_type", "transformers_version"}
+    return ConditionalDetrConfig(**{k: v for k, v in detr.items() if k in keep})
 
 
-def _detr_targets(scenes: list[Scene]) -> list[dict[str, torch.Tensor]]:
+def detr_processor(size: int = TRAIN_SIZE, family: str = "detr") -> Any:
+    cls = ConditionalDetrImageProcessor if family == "conditional_detr" else DetrImageProcessor
+    return cls(size={"shortest_edge": size, "longest_edge": size * 2})
+
+
+def detr_targets(
+    scenes: list[Scene], classes: tuple[str, ...] = DETECTOR_CLASSES
+) -> list[dict[str, torch.Tensor]]:
+    """DETR training targets: class ids and normalised (cx, cy, w, h) boxes."""
     targets = []
     for s in scenes:
         w, h = s.image.size
-        boxes = torch.tensor(s.boxes, dtype=torch.float32)
+        boxes = torch.tensor(s.boxes, dtype=torch.float32).reshape(-1, 4)
         cxcywh = torch.stack(
             [
                 (boxes[:, 0] + boxes[:, 2]) / 2 / w,
@@ -119,35 +136,36 @@ def _detr_targets(scenes: list[Scene]) -> list[dict[str, torch.Tensor]]:
             ],
             dim=1,
         )
-        labels = torch.tensor([DETECTOR_CLASSES.index(name) for name in s.labels])
+        labels = torch.tensor([classes.index(name) for name in s.labels], dtype=torch.int64)
         targets.append({"class_labels": labels, "boxes": cxcywh})
     return targets
 
 
-def train_tiny_detr(out_dir: Path, steps: int = 600, seed: int = 0) -> Path:
-    """Train a 0.5 M-parameter DETR on 128 px scenes and save it (model + processor)."""
+def new_detector(family: str = "conditional_detr", seed: int = 0) -> tuple[Any, Any]:
+    """An untrained tiny detector of ``family`` and its image processor."""
     torch.manual_seed(seed)
+    if family == "conditional_detr":
+        model: Any = ConditionalDetrForObjectDetection(tiny_conditional_detr_config())
+    else:
+        model = DetrForObjectDetection(tiny_detr_config())
+    return model, detr_processor(family=family)
+
+
+def train_tiny_detector(
+    out_dir: Path, family: str = "conditional_detr", steps: int = 3000, seed: int = 0
+) -> Path:
+    """Train a 0.3 M-parameter detector on 128 px scenes and save it (model + processor)."""
     rng = random.Random(seed)
-    model = DetrForObjectDetection(tiny_detr_config())
-    processor = detr_processor()
-    heads = [
-        p
-        for n, p in model.named_parameters()
-        if "class_labels_classifier" in n or "bbox_predictor" in n
-    ]
-    head_ids = {id(p) for p in heads}
-    rest = [p for p in model.parameters() if id(p) not in head_ids]
-    optimizer = torch.optim.AdamW(
-        [{"params": rest, "lr": 5e-4}, {"params": heads, "lr": 2e-3}], weight_decay=1e-4
-    )
+    model, processor = new_detector(family, seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=[5e-4, 2e-3], total_steps=steps, pct_start=0.1
+        optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05
     )
     model.train()
     for _ in range(steps):
         scenes = [draw_scene(TRAIN_SIZE, TRAIN_SIZE, rng.randint(1, 3), rng) for _ in range(8)]
         inputs = processor(images=[s.image for s in scenes], return_tensors="pt")
-        out = model(pixel_values=inputs["pixel_values"], labels=_detr_targets(scenes))
+        out = model(pixel_values=inputs["pixel_values"], labels=detr_targets(scenes))
         optimizer.zero_grad()
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
@@ -159,11 +177,11 @@ def train_tiny_detr(out_dir: Path, steps: int = 600, seed: int = 0) -> Path:
     return out_dir
 
 
-def random_detr(out_dir: Path, seed: int = 0) -> Path:
-    """An untrained tiny DETR, saved like a checkpoint (for loading and error tests)."""
-    torch.manual_seed(seed)
-    DetrForObjectDetection(tiny_detr_config()).save_pretrained(out_dir)
-    detr_processor().save_pretrained(out_dir)
+def random_detr(out_dir: Path, seed: int = 0, family: str = "conditional_detr") -> Path:
+    """An untrained tiny detector, saved like a checkpoint (for loading and learning tests)."""
+    model, processor = new_detector(family, seed)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
     return out_dir
 
 
