@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from backend.errors import BackendError
 from backend.settings import Settings
@@ -34,27 +36,125 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)  # type: ignore[arg-type]
 
 
+def _redis(settings: Settings) -> tuple[str, Any, Any]:
+    """``(url, client, embedded server or None)`` for REDIS_URL or the embedded Redis."""
+    from backend.redis_server import connect, ensure_redis
+
+    url, server = ensure_redis(settings.redis_url, settings.model_dir)
+    return url, connect(url), server
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from backend import logs
     from backend.server import create_app
+    from backend.service import Service
 
     settings = _settings(args)
     logs.configure(settings.log_level)
+    url, client, _server = _redis(settings)
     if settings.workers > 1:
-        # Each worker process builds its own app (and loads the models once).
+        # Each worker process builds its own app (and loads the models once); they share
+        # this process's Redis, embedded or not.
+        os.environ["REDIS_URL"] = url
         uvicorn.run(
-            "backend.server:create_app",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.workers,
-            log_config=None,
-        )
+            "backend.server:create_app", factory=True, host=settings.host, port=settings.port,
+            workers=settings.workers, log_config=None,
+        )  # fmt: skip
         return 0
-    app = create_app(settings)
+    app = create_app(settings, Service.from_settings(settings, client))
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    if args.gpu is not None:
+        # Before torch is imported anywhere in this process (and its forked work horses).
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+    from rq import Worker
+
+    from backend import logs
+
+    settings = _settings(args)
+    logs.configure(settings.log_level)
+    _url, client, _server = _redis(settings)
+    queues = [settings.train_queue, settings.predict_queue]
+    worker = Worker(queues, connection=client, name=args.name, maintenance_interval=settings.worker_maintenance_interval)
+    # rq handles SIGTERM/SIGINT: the first finishes the current job (warm shutdown), a second
+    # stops it now (cold); a job cut short is retried (Retry) by the next worker.
+    worker.work(with_scheduler=True, burst=args.burst, logging_level=settings.log_level)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Server, one worker and an embedded Redis in one command."""
+    import subprocess
+
+    from backend.redis_server import ensure_redis
+
+    settings = _settings(args)
+    url, server = ensure_redis(settings.redis_url, settings.model_dir)
+    env = {**os.environ, "REDIS_URL": url}
+    worker = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=env)
+    os.environ["REDIS_URL"] = url
+    try:
+        return cmd_serve(args)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        if server is not None:
+            server.stop()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from backend.jobs import TrainingTrigger
+
+    settings = _settings(args)
+    _url, client, _server = _redis(settings)
+    job = TrainingTrigger(client, settings).enqueue(str(args.project), reason="command line", delay=0)
+    print(json.dumps({"job": job.id, "status": str(job.get_status())}))
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from backend.registry import Registry
+
+    settings = _settings(args)
+    _url, client, _server = _redis(settings)
+    registry = Registry(settings.model_dir / "projects", client)
+    live = registry.live(str(args.project))
+    rows = []
+    for version in registry.versions(str(args.project)):
+        candidate = (version.meta.get("metrics") or {}).get("candidate") or {}
+        rows.append(
+            {
+                "version": version.name,
+                "model_version": version.model_version,
+                "live": version.name == live,
+                "status": version.status,
+                "parent": version.meta.get("parent"),
+                "created_at": version.meta.get("created_at"),
+                "map": candidate.get("map"),
+                "map_50": candidate.get("map_50"),
+            }
+        )
+    print(json.dumps({"project": str(args.project), "live": live or "base", "versions": rows}, indent=2))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from backend.registry import Registry
+
+    settings = _settings(args)
+    _url, client, _server = _redis(settings)
+    registry = Registry(settings.model_dir / "projects", client)
+    target = None if args.version in ("base", "none") else registry.get(str(args.project), args.version).name
+    registry.set_live(str(args.project), target)
+    print(json.dumps({"project": str(args.project), "live": target or "base"}))
     return 0
 
 
@@ -140,6 +240,31 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--label-config", help="a Label Studio labeling config (XML file)")
     predict.add_argument("--jsonl", action="store_true", help="one JSON object per line")
     predict.set_defaults(func=cmd_predict)
+
+    worker = sub.add_parser("worker", help="run an rq worker for fine-tuning and bulk prediction")
+    worker.add_argument("--gpu", help="GPU index for this worker (sets CUDA_VISIBLE_DEVICES)")
+    worker.add_argument("--name", help="worker name (default: rq's)")
+    worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    worker.set_defaults(func=cmd_worker)
+
+    up = sub.add_parser("up", help="server + worker + embedded Redis")
+    model_args(up)
+    up.add_argument("--host")
+    up.add_argument("--port", type=int)
+    up.set_defaults(func=cmd_up)
+
+    train = sub.add_parser("train", help="queue fine-tuning of a project now")
+    train.add_argument("project")
+    train.set_defaults(func=cmd_train)
+
+    versions = sub.add_parser("versions", help="list a project's checkpoint versions")
+    versions.add_argument("project")
+    versions.set_defaults(func=cmd_versions)
+
+    rollback = sub.add_parser("rollback", help="make a project's earlier version live")
+    rollback.add_argument("project")
+    rollback.add_argument("version", help="v3, p1-v3, or 'base' for the base models")
+    rollback.set_defaults(func=cmd_rollback)
     return parser
 
 

@@ -187,17 +187,27 @@ ImageLoaderFn = Callable[[str, int | None], Image.Image]
 class Predictor:
     """Predicts Label Studio tasks with one model bundle; safe to share across threads."""
 
-    def __init__(self, bundle: ModelBundle, settings: Settings, load_image: ImageLoaderFn) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        settings: Settings,
+        load_image: ImageLoaderFn,
+        pool: ThreadPoolExecutor | None = None,
+    ) -> None:
         self.bundle = bundle
         self.settings = settings
         self.slicing = SliceConfig.from_settings(settings)
         self.load_image = load_image
-        self._pool = ThreadPoolExecutor(
-            max_workers=settings.image_fetch_concurrency, thread_name_prefix="task"
+        # Tasks of a batch run concurrently (downloads overlap model work). The pool may be
+        # shared by several predictors, so that swapping models never touches it.
+        self._own_pool = pool is None
+        self._pool = pool or ThreadPoolExecutor(
+            settings.image_fetch_concurrency, thread_name_prefix="task"
         )
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._own_pool:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def predict_tasks(
         self, tasks: Sequence[dict[str, Any]], config: LabelConfig

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from backend import __version__, metrics
 from backend.errors import BackendError, BadRequest, RequestTooLarge, Unauthorized
 from backend.labeling import parse_label_config
+from backend.redis_server import connect, ensure_redis
 from backend.service import Service
 from backend.settings import Settings, get_settings
 
@@ -110,7 +111,9 @@ def _check_basic_auth(request: Request, settings: Settings) -> None:
 def create_app(settings: Settings | None = None, service: Service | None = None) -> FastAPI:
     """The ASGI app. Models load here, once per process, unless a ``service`` is given."""
     settings = settings or get_settings()
-    service = service or Service.from_settings(settings)
+    if service is None:
+        url, _ = ensure_redis(settings.redis_url, settings.model_dir)
+        service = Service.from_settings(settings, connect(url))
     # Concurrent /predict requests per process; the rest wait (Label Studio retries nothing).
     limiter = anyio.CapacityLimiter(settings.threads)
 

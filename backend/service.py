@@ -1,23 +1,33 @@
 """The serving process's state: models loaded once, the predictor per project, known configs.
 
-The server's routes call into one ``Service``; tests build one around small models.
+Projects start on the base models. When a project's live version changes (a fine-tuning
+job promoted a checkpoint, or someone rolled back), this process loads the new version in
+the background, checks that it runs, and then swaps one reference: requests already in
+flight keep the predictor they started with and finish on the old model; a version that
+fails to load is refused and the old one keeps serving.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
+import redis
 import torch
 
 from backend import metrics
 from backend.classifier import Classifier
 from backend.detector import Detector
 from backend.images import ImageLoader
+from backend.jobs import TrainingTrigger
 from backend.labeling import LabelConfig
 from backend.predict import ImageLoaderFn, ModelBundle, Predictor
+from backend.registry import Registry, Version
 from backend.settings import Settings
+from backend.swap import LiveWatcher
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +53,60 @@ def load_base_bundle(settings: Settings) -> ModelBundle:
     return bundle
 
 
+def load_version_bundle(version: Version, base: ModelBundle, settings: Settings) -> ModelBundle:
+    """A fine-tuned version's models (its classifier, or the base one if it has none)."""
+    detector = Detector.load(
+        str(version.path / "detector"), settings.device, settings.half_precision
+    )
+    classifier = base.classifier
+    if (version.path / "classifier").is_dir():
+        classifier = Classifier.load(
+            str(version.path / "classifier"), settings.device, settings.half_precision
+        )
+    return ModelBundle(detector, classifier, version=version.model_version)
+
+
+def check_bundle(bundle: ModelBundle) -> None:
+    """Run each model once on a blank image: catches broken checkpoints and warms them up."""
+    blank = np.full((64, 64, 3), 127, dtype=np.uint8)
+    if bundle.detector is not None:
+        if not bundle.detector.id2label:
+            raise ValueError("detector has no classes")
+        bundle.detector.detect([blank], threshold=0.5)
+    if bundle.classifier is not None:
+        bundle.classifier.classify([blank], top_k=1)
+
+
 class Service:
     def __init__(
-        self, settings: Settings, bundle: ModelBundle, load_image: ImageLoaderFn | None = None
+        self,
+        settings: Settings,
+        bundle: ModelBundle,
+        load_image: ImageLoaderFn | None = None,
+        redis_client: redis.Redis | None = None,
     ) -> None:
         self.settings = settings
         self._loader = ImageLoader(settings) if load_image is None else None
         self._load_image: ImageLoaderFn = load_image or self._loader.load  # type: ignore[union-attr]
-        self.base = Predictor(bundle, settings, self._load_image)
+        self._pool = ThreadPoolExecutor(settings.image_fetch_concurrency, thread_name_prefix="task")
+        self.base = Predictor(bundle, settings, self._load_image, self._pool)
+        self.redis = redis_client
+        self.registry = Registry(settings.model_dir / "projects", redis_client)
+        self.trigger = TrainingTrigger(redis_client, settings) if redis_client is not None else None
         self._configs: dict[str | None, LabelConfig] = {}
+        self._predictors: dict[str, Predictor] = {}  # project -> fine-tuned predictor
+        self._refused: dict[str, str] = {}  # project -> version that failed to load
         self._lock = threading.Lock()
+        self._swap_lock = threading.Lock()
+        self._watcher = (
+            LiveWatcher(redis_client, self.refresh, settings.swap_poll_seconds)
+            if redis_client is not None
+            else None
+        )
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Service:
-        return cls(settings, load_base_bundle(settings))
+    def from_settings(cls, settings: Settings, redis_client: redis.Redis | None = None) -> Service:
+        return cls(settings, load_base_bundle(settings), redis_client=redis_client)
 
     @property
     def base_version(self) -> str:
@@ -64,11 +114,18 @@ class Service:
 
     def start(self) -> None:
         metrics.MODEL_INFO.labels(project="*", model_version=self.base_version).set(1)
+        if self._watcher is not None:
+            self.refresh(None)  # serve live versions from the first request on
+            self._watcher.start()
 
     def close(self) -> None:
-        self.base.close()
+        if self._watcher is not None:
+            self._watcher.stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         if self._loader is not None:
             self._loader.close()
+
+    # --- configs ---------------------------------------------------------------------------
 
     def remember_config(self, project: str | None, config: LabelConfig) -> None:
         with self._lock:
@@ -78,15 +135,75 @@ class Service:
         with self._lock:
             return self._configs.get(project)
 
+    # --- which model serves a project ----------------------------------------------------------
+
     def predictor_for(self, project: str | None) -> Predictor:
-        return self.base
+        with self._lock:
+            return self._predictors.get(project or "", self.base)
 
     def version_for(self, project: str | None) -> str:
         return self.predictor_for(project).bundle.version
 
     def versions(self, project: str | None) -> list[str]:
-        return [self.version_for(project)]
+        """Model versions of a project, newest first, the base models last."""
+        found = (
+            [v.model_version for v in reversed(self.registry.versions(project))] if project else []
+        )
+        return [*found, self.base_version]
+
+    def refresh(self, project: str | None) -> None:
+        """Bring one project (or, with None, every project) to its live version."""
+        if self.redis is None:
+            return
+        with self._swap_lock:  # one load at a time; requests are never blocked by it
+            live = self.registry.live_projects()
+            projects = (
+                [project] if project is not None else sorted(set(live) | set(self._predictors))
+            )
+            for name in projects:
+                self._bring_to(name, live.get(name))
+
+    def _bring_to(self, project: str, wanted: str | None) -> None:
+        current = self.predictor_for(project)
+        if wanted is None:
+            if project in self._predictors:
+                with self._lock:
+                    old = self._predictors.pop(project)
+                log.info(
+                    "version_swapped project=%s from=%s to=%s",
+                    project,
+                    old.bundle.version,
+                    self.base_version,
+                )
+            return
+        version = self.registry.get(project, wanted)
+        if current.bundle.version == version.model_version or self._refused.get(project) == wanted:
+            return
+        try:
+            bundle = load_version_bundle(version, self.base.bundle, self.settings)
+            check_bundle(bundle)
+        except Exception as exc:
+            self._refused[project] = wanted
+            log.error(
+                "version_refused project=%s version=%s error=%s keeps=%s",
+                project, wanted, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, current.bundle.version,
+            )  # fmt: skip
+            return
+        predictor = Predictor(bundle, self.settings, self._load_image, self._pool)
+        with self._lock:
+            self._predictors[project] = predictor  # the swap: one reference
+        self._refused.pop(project, None)
+        metrics.MODEL_INFO.labels(project=project, model_version=bundle.version).set(1)
+        log.info(
+            "version_swapped project=%s from=%s to=%s",
+            project,
+            current.bundle.version,
+            bundle.version,
+        )
+
+    # --- webhooks ------------------------------------------------------------------------------
 
     def on_webhook(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """Training arrives with the training loop; until then webhooks are acknowledged."""
-        return 200, {"status": "training not configured", "action": body.get("action")}
+        if self.trigger is None:
+            return 200, {"status": "training not configured", "action": body.get("action")}
+        return self.trigger.on_webhook(body)

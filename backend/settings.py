@@ -112,6 +112,63 @@ class Settings(BaseSettings):
         8, ge=1, description="Images downloaded at once per request."
     )
 
+    # --- queue ------------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        None,
+        description="Redis for jobs and live pointers; unset: an embedded Redis under MODEL_DIR.",
+    )
+    train_queue: str = Field("ls-sahi-train", description="rq queue of fine-tuning jobs.")
+    predict_queue: str = Field("ls-sahi-predict", description="rq queue of bulk prediction jobs.")
+    job_timeout: int = Field(
+        6 * 3600, ge=60, description="Seconds a job may run before rq stops it."
+    )
+    job_retries: int = Field(3, ge=0, description="Times rq re-runs a failed or abandoned job.")
+    worker_maintenance_interval: int = Field(
+        30,
+        ge=1,
+        description="Seconds between a worker's checks for jobs abandoned by a dead worker.",
+    )
+
+    # --- training trigger ---------------------------------------------------------------------
+    train_after_annotations: int = Field(
+        10, ge=1, description="New or changed annotations that start fine-tuning of a project."
+    )
+    train_debounce_seconds: float = Field(
+        30.0, ge=0, description="Wait this long after the trigger so a burst of labels trains once."
+    )
+
+    # --- fine-tuning --------------------------------------------------------------------------
+    train_steps: int = Field(300, ge=1, description="Optimizer steps per fine-tuning job.")
+    train_batch_size: int = Field(4, ge=1, description="Training windows per step.")
+    learning_rate: float = Field(
+        1e-4, gt=0, description="AdamW learning rate (transformer and heads)."
+    )
+    backbone_learning_rate: float = Field(
+        1e-5, gt=0, description="AdamW learning rate of the backbone."
+    )
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(0.1, gt=0, description="Gradient norm clip (DETR's recipe).")
+    holdout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of labelled tasks held out for evaluation."
+    )
+    min_area_ratio: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Keep a box in a training window when this share of it is inside (sahi's default).",
+    )
+    negative_window_ratio: float = Field(
+        0.25, ge=0, le=1, description="Share of windows without boxes kept as negatives."
+    )
+    keep_versions: int = Field(
+        5, ge=1, description="Checkpoint versions kept per project (the live one always is)."
+    )
+    swap_poll_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Serving processes check the live version this often if pub/sub is lost.",
+    )
+
     @field_validator("allowed_image_formats", mode="before")
     @classmethod
     def _split_formats(cls, value: object) -> object:

