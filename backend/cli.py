@@ -80,7 +80,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level)
     _url, client, _server = _redis(settings)
     queues = [settings.train_queue, settings.predict_queue]
-    worker = Worker(queues, connection=client, name=args.name, maintenance_interval=settings.worker_maintenance_interval)
+    worker = Worker(
+        queues,
+        connection=client,
+        name=args.name,
+        maintenance_interval=settings.worker_maintenance_interval,
+    )
     # rq handles SIGTERM/SIGINT: the first finishes the current job (warm shutdown), a second
     # stops it now (cold); a job cut short is retried (Retry) by the next worker.
     worker.work(with_scheduler=True, burst=args.burst, logging_level=settings.log_level)
@@ -115,7 +120,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _url, client, _server = _redis(settings)
-    job = TrainingTrigger(client, settings).enqueue(str(args.project), reason="command line", delay=0)
+    job = TrainingTrigger(client, settings).enqueue(
+        str(args.project), reason="command line", delay=0
+    )
     print(json.dumps({"job": job.id, "status": str(job.get_status())}))
     return 0
 
@@ -142,7 +149,11 @@ def cmd_versions(args: argparse.Namespace) -> int:
                 "map_50": candidate.get("map_50"),
             }
         )
-    print(json.dumps({"project": str(args.project), "live": live or "base", "versions": rows}, indent=2))
+    print(
+        json.dumps(
+            {"project": str(args.project), "live": live or "base", "versions": rows}, indent=2
+        )
+    )
     return 0
 
 
@@ -152,7 +163,11 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _url, client, _server = _redis(settings)
     registry = Registry(settings.model_dir / "projects", client)
-    target = None if args.version in ("base", "none") else registry.get(str(args.project), args.version).name
+    target = (
+        None
+        if args.version in ("base", "none")
+        else registry.get(str(args.project), args.version).name
+    )
     registry.set_live(str(args.project), target)
     print(json.dumps({"project": str(args.project), "live": target or "base"}))
     return 0

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from conftest import make_settings
 from rq import Queue
 from rq.job import Job, JobStatus
 
 from backend.jobs import TRAIN_JOB, TrainingTrigger, train_job_id
-from conftest import make_settings
 
 
 def _event(action: str, project: int = 1, **extra: Any) -> dict[str, Any]:
@@ -16,7 +16,9 @@ def _event(action: str, project: int = 1, **extra: Any) -> dict[str, Any]:
 
 
 def _trigger(redis_client: Any, **overrides: Any) -> TrainingTrigger:
-    settings = make_settings(**{"train_after_annotations": 3, "train_debounce_seconds": 0, **overrides})
+    settings = make_settings(
+        **{"train_after_annotations": 3, "train_debounce_seconds": 0, **overrides}
+    )
     return TrainingTrigger(redis_client, settings)
 
 
@@ -26,7 +28,9 @@ def _queued(redis_client: Any) -> list[Job]:
 
 def test_annotations_count_towards_the_trigger_then_one_job_is_queued(redis_client: Any) -> None:
     trigger = _trigger(redis_client)
-    answers = [trigger.on_webhook(_event("ANNOTATION_CREATED", annotation={"id": i})) for i in range(2)]
+    answers = [
+        trigger.on_webhook(_event("ANNOTATION_CREATED", annotation={"id": i})) for i in range(2)
+    ]
     assert [a[1]["changes"] for a in answers] == [1, 2]
     assert _queued(redis_client) == []
     status, body = trigger.on_webhook(_event("ANNOTATION_UPDATED"))

@@ -42,7 +42,9 @@ def test_a_write_that_fails_leaves_no_version_and_no_temporary_folder(tmp_path: 
 
 
 def test_a_folder_without_meta_is_never_listed(tmp_path: Path) -> None:
-    (tmp_path / "3" / "v1").mkdir(parents=True)  # what a killed writer could leave if it renamed early
+    (tmp_path / "3" / "v1").mkdir(
+        parents=True
+    )  # what a killed writer could leave if it renamed early
     (tmp_path / "3" / ".tmp-abc").mkdir()
     registry = Registry(tmp_path)
     assert registry.versions("3") == []

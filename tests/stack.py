@@ -1,0 +1,143 @@
+"""The whole training loop as separate processes: a Label Studio stand-in, Redis, an rq worker
+process (``ls-sahi worker``), and the server on real HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+from conftest import LiveServer, make_settings, start_uvicorn, stop_uvicorn
+from fake_studio import FakeStudio
+
+from backend.redis_server import connect
+from backend.server import create_app
+from backend.service import Service, load_base_bundle
+from backend.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stack_settings(
+    fake: FakeStudio, redis_url: str, detector: Path, model_dir: Path, **overrides: Any
+) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "label_studio_url": fake.url,
+        "label_studio_api_key": fake.legacy_token,
+        "detector_model": str(detector),
+        "classifier_model": "",
+        "model_dir": model_dir,
+        "train_steps": 300,
+        "train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "backbone_learning_rate": 1e-3,
+        "holdout_fraction": 0.25,
+        "negative_window_ratio": 0.1,
+        "train_after_annotations": 3,
+        "train_debounce_seconds": 0,
+        "worker_maintenance_interval": 5,
+        "swap_poll_seconds": 1,
+        "job_retries": 3,
+    }
+    values.update(overrides)
+    return make_settings(**values)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as environment variables, for processes started like a user starts them."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
+    for name, value in settings:
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[name.upper()] = ",".join(value) if isinstance(value, list) else str(value)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclass
+class Worker:
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def kill_with_work_horse(self) -> list[int]:
+        """SIGKILL the worker and its work horse together, as a lost machine would.
+
+        rq's work horse runs in its own session, so killing the worker's process group
+        alone would leave it running: every descendant is killed by pid.
+        """
+        parent = psutil.Process(self.process.pid)
+        victims = [parent, *parent.children(recursive=True)]
+        for proc in victims:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+        return [p.pid for p in victims]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # rq's warm shutdown
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill_with_work_horse()
+
+
+def start_worker(settings: Settings, folder: Path, name: str) -> Worker:
+    log = folder / f"{name}.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", "worker", "--name", name],
+        env=settings_env(settings),
+        cwd=ROOT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    return Worker(process, log)
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    server: LiveServer
+    service: Service
+    workers: list[Worker] = field(default_factory=list)
+
+    def post(self, route: str, body: Any) -> httpx.Response:
+        return httpx.post(f"{self.server.url}{route}", json=body, timeout=120)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        stop_uvicorn(self.server)
+
+
+def start_stack(settings: Settings, folder: Path, workers: int = 1) -> Stack:
+    service = Service(
+        settings, load_base_bundle(settings), redis_client=connect(str(settings.redis_url))
+    )
+    server = start_uvicorn(create_app(settings, service))
+    stack = Stack(settings, server, service)
+    stack.workers = [start_worker(settings, folder, f"worker{i}") for i in range(workers)]
+    return stack
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.25) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

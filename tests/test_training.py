@@ -1,0 +1,123 @@
+"""The fine-tuning job, run in-process against a Label Studio stand-in and a real Redis."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import make_settings
+from fake_studio import FakeStudio
+from labelled_project import labelled_project
+from safetensors.torch import load_file
+from tiny_models import random_detr
+
+from backend.registry import Registry
+from backend.training.job import JobContext, run_training
+
+
+def _settings(fake: FakeStudio, detector: Path, model_dir: Path, **overrides: Any) -> Any:
+    values: dict[str, Any] = {
+        "label_studio_url": fake.url,
+        "label_studio_api_key": fake.legacy_token,
+        "detector_model": str(detector),
+        "classifier_model": "",
+        "model_dir": model_dir,
+        "train_steps": 300,
+        "train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "backbone_learning_rate": 1e-3,
+        "holdout_fraction": 0.25,
+        "negative_window_ratio": 0.1,
+    }
+    values.update(overrides)
+    return make_settings(**values)
+
+
+@pytest.fixture
+def fake() -> Any:
+    with FakeStudio() as studio:
+        yield studio
+
+
+def test_fine_tuning_raises_held_out_map_and_publishes_the_version(
+    fake: FakeStudio, tmp_path: Path, redis_client: Any
+) -> None:
+    project = labelled_project(fake, n_tasks=8)
+    untrained = random_detr(tmp_path / "untrained", seed=1)
+    settings = _settings(fake, untrained, tmp_path / "models")
+    registry = Registry(settings.model_dir / "projects", redis_client)
+
+    summary = run_training(JobContext(settings, registry), str(project.id), "test", "run-1")
+
+    candidate, live = summary["metrics"]["candidate"], summary["metrics"]["live"]
+    assert candidate["map_50"] > live["map_50"] and candidate["map"] > live["map"], summary[
+        "metrics"
+    ]
+    assert summary["status"] == "accepted" and summary["model_version"] == f"p{project.id}-v1"
+    assert summary["dataset"]["train_tasks"] + summary["dataset"]["heldout_tasks"] == 8
+    assert registry.live(str(project.id)) == "v1"
+    folder = registry.get(str(project.id), "v1").path
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["labels"] == ["Vehicle", "Person"] and meta["parent"].startswith("untrained@")
+    assert len(meta["curves"]["detector"]) == 300 and (folder / "curves.png").stat().st_size > 1000
+    config = json.loads((folder / "detector" / "config.json").read_text())
+    assert config["id2label"] == {
+        "0": "Vehicle",
+        "1": "Person",
+    }  # relabelled to the project's labels
+    assert load_file(
+        folder / "detector" / "model.safetensors"
+    )  # safetensors, loadable without pickle
+
+
+def test_a_second_run_of_the_same_job_returns_what_the_first_published(
+    fake: FakeStudio, tmp_path: Path, redis_client: Any
+) -> None:
+    project = labelled_project(fake, n_tasks=4)
+    settings = _settings(
+        fake, random_detr(tmp_path / "untrained"), tmp_path / "models", train_steps=5
+    )
+    registry = Registry(settings.model_dir / "projects", redis_client)
+    first = run_training(JobContext(settings, registry), str(project.id), "test", "run-7")
+    exports = fake.export_calls
+    again = run_training(JobContext(settings, registry), str(project.id), "test", "run-7")
+    assert again["version"] == first["version"] and len(registry.versions(str(project.id))) == 1
+    assert fake.export_calls == exports  # nothing recomputed
+
+
+def test_a_candidate_that_is_not_better_is_kept_as_rejected(
+    fake: FakeStudio, tmp_path: Path, redis_client: Any, detector_dir: Path
+) -> None:
+    project = labelled_project(fake, n_tasks=4)
+    # One step at a learning rate of 1e-9 leaves the trained detector as it was: the
+    # candidate scores the same as live, which is not better, so it is not promoted.
+    settings = _settings(
+        fake,
+        detector_dir,
+        tmp_path / "models",
+        train_steps=1,
+        learning_rate=1e-9,
+        backbone_learning_rate=1e-9,
+    )
+    registry = Registry(settings.model_dir / "projects", redis_client)
+    summary = run_training(JobContext(settings, registry), str(project.id), "test", "run-1")
+    metrics = summary["metrics"]
+    assert metrics["candidate"]["map"] == pytest.approx(metrics["live"]["map"], abs=1e-6)
+    assert metrics["live"]["map"] > 0.1  # the trained detector really detects
+    assert summary["status"] == "rejected"
+    assert registry.live(str(project.id)) is None
+    assert registry.get(str(project.id), "v1").status == "rejected"
+
+
+def test_too_few_labels_skip_training(fake: FakeStudio, tmp_path: Path, redis_client: Any) -> None:
+    project = labelled_project(fake, n_tasks=1)
+    settings = _settings(fake, random_detr(tmp_path / "untrained"), tmp_path / "models")
+    summary = run_training(
+        JobContext(settings, Registry(settings.model_dir / "projects", redis_client)),
+        str(project.id),
+        "t",
+        "r",
+    )
+    assert summary["status"] == "skipped" and "at least 2" in summary["detail"]
