@@ -80,11 +80,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level)
     _url, client, _server = _redis(settings)
     queues = [settings.train_queue, settings.predict_queue]
+    interval = settings.worker_maintenance_interval
     worker = Worker(
         queues,
         connection=client,
         name=args.name,
-        maintenance_interval=settings.worker_maintenance_interval,
+        maintenance_interval=interval,
+        # An idle worker blocks on the queue for worker_ttl - 15 s before it looks after its
+        # registries again (rq's default: 405 s); tie that wait to the maintenance interval
+        # so that a job abandoned by a dead worker is re-queued within it.
+        worker_ttl=interval + 15,
+        # The work horse's heartbeat; rq declares a job abandoned 60 s after the last one.
+        job_monitoring_interval=min(30, interval),
     )
     # rq handles SIGTERM/SIGINT: the first finishes the current job (warm shutdown), a second
     # stops it now (cold); a job cut short is retried (Retry) by the next worker.

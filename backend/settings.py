@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MergeType = Literal["NMS", "NMM", "GREEDYNMM"]
 MatchMetric = Literal["IOU", "IOS"]
@@ -98,7 +98,8 @@ class Settings(BaseSettings):
     # --- limits ---------------------------------------------------------------------------
     max_image_bytes: int = Field(64 * 2**20, ge=1, description="Largest image download, bytes.")
     max_image_pixels: int = Field(200_000_000, ge=1, description="Largest image, width x height.")
-    allowed_image_formats: list[str] = Field(
+    # NoDecode: the environment gives "JPEG,PNG"; the validator below splits it.
+    allowed_image_formats: Annotated[list[str], NoDecode] = Field(
         ["JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "MPO"],
         description="PIL format names accepted.",
     )

@@ -107,6 +107,16 @@ def start_worker(settings: Settings, folder: Path, name: str) -> Worker:
     return Worker(process, log)
 
 
+def job_done(job: Any, workers: list[Worker]) -> bool:
+    """The job ended (either way); a worker that died on its own fails the test at once."""
+    for worker in workers:
+        if worker.process.poll() is not None:
+            raise AssertionError(
+                f"worker exited {worker.process.returncode}:\n{worker.log.read_text()[-3000:]}"
+            )
+    return bool(job.get_status(refresh=True) in ("finished", "failed"))
+
+
 @dataclass
 class Stack:
     settings: Settings

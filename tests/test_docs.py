@@ -21,3 +21,13 @@ def test_ci_runs_the_readmes_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "scripts/test" in readme
     assert "scripts/test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_list_settings_read_comma_separated_environment_values(monkeypatch: object) -> None:
+    import pytest
+
+    mp: pytest.MonkeyPatch = monkeypatch  # type: ignore[assignment]
+    mp.setenv("ALLOWED_IMAGE_FORMATS", "jpeg, PNG")
+    mp.setenv("SLICE_WIDTH", "auto")
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.allowed_image_formats == ["JPEG", "PNG"] and settings.slice_width is None

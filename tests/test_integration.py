@@ -18,7 +18,7 @@ from labelled_project import CONFIG, labelled_project
 from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import FinishedJobRegistry, StartedJobRegistry
-from stack import Stack, stack_settings, start_stack, wait_for
+from stack import Stack, job_done, stack_settings, start_stack, wait_for
 from tiny_models import random_detr
 
 from backend.jobs import train_job_id
@@ -36,7 +36,10 @@ def fake() -> Iterator[FakeStudio]:
 @pytest.fixture
 def stack(fake: FakeStudio, redis_url: str, redis_client: Any, tmp_path: Path) -> Iterator[Stack]:
     untrained = random_detr(tmp_path / "untrained", seed=1)
-    running = start_stack(stack_settings(fake, redis_url, untrained, tmp_path / "models"), tmp_path)
+    # 300 steps from random weights learn where the squares are, with low confidence yet:
+    # serve every box above 0.05 so that the answer shows what the new model sees.
+    settings = stack_settings(fake, redis_url, untrained, tmp_path / "models", score_threshold=0.05)
+    running = start_stack(settings, tmp_path)
     yield running
     running.stop()
 
@@ -69,11 +72,8 @@ def test_webhooks_train_publish_and_every_server_serves_the_new_version(
     assert waiting <= 1
 
     job = Job.fetch(train_job_id(pid), connection=redis_client)
-    wait_for(
-        lambda: job.get_status(refresh=True) in (JobStatus.FINISHED, JobStatus.FAILED),
-        300,
-        "the training job",
-    )
+    wait_for(lambda: job_done(job, stack.workers), 300, "the training job")
+    job.refresh()
     assert job.get_status() == JobStatus.FINISHED, stack.workers[0].log.read_text()[-3000:]
     result = job.return_value()
     assert result["status"] == "accepted", result
