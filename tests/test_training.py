@@ -121,3 +121,23 @@ def test_too_few_labels_skip_training(fake: FakeStudio, tmp_path: Path, redis_cl
         "r",
     )
     assert summary["status"] == "skipped" and "at least 2" in summary["detail"]
+
+
+def test_choices_fine_tune_the_classifier_too(
+    fake: FakeStudio, tmp_path: Path, redis_client: Any, classifier_dir: Path
+) -> None:
+    project = labelled_project(fake, n_tasks=8, scenes=True)
+    settings = _settings(
+        fake, random_detr(tmp_path / "untrained", seed=1), tmp_path / "models",
+        classifier_model=str(classifier_dir), train_steps=60,
+    )  # fmt: skip
+    registry = Registry(settings.model_dir / "projects", redis_client)
+    summary = run_training(JobContext(settings, registry), str(project.id), "test", "run-1")
+    metrics = summary["metrics"]
+    assert 0 <= metrics["candidate_accuracy"] <= 1 and 0 <= metrics["live_accuracy"] <= 1
+    meta = json.loads((registry.get(str(project.id), "v1").path / "meta.json").read_text())
+    assert len(meta["curves"]["classifier"]) == 30 and meta["choices"] == ["Street", "Beach"]
+    # The scene classifier already knows street from beach (the live one maps through names).
+    assert metrics["live_accuracy"] == 1.0
+    saved = (registry.get(str(project.id), "v1").path / "classifier").is_dir()
+    assert saved == (metrics["candidate_accuracy"] > metrics["live_accuracy"])
