@@ -134,6 +134,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict_project(args: argparse.Namespace) -> int:
+    import time
+
+    from backend.bulk import enqueue_bulk, job_progress
+
+    settings = _settings(args)
+    _url, client, _server = _redis(settings)
+    job = enqueue_bulk(client, settings, str(args.project), only_missing=not args.all)
+    print(json.dumps({"job": job.id, "status": str(job.get_status())}), flush=True)
+    while args.wait:
+        progress = job_progress(client, str(args.project))
+        print(json.dumps(progress), flush=True)
+        if progress["status"] in ("finished", "failed", "stopped", "canceled"):
+            return 0 if progress["status"] == "finished" else 1
+        time.sleep(2)
+    return 0
+
+
 def cmd_versions(args: argparse.Namespace) -> int:
     from backend.registry import Registry
 
@@ -278,6 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="queue fine-tuning of a project now")
     train.add_argument("project")
     train.set_defaults(func=cmd_train)
+
+    bulk = sub.add_parser("predict-project", help="queue predictions for every task of a project")
+    bulk.add_argument("project")
+    bulk.add_argument(
+        "--all", action="store_true", help="also tasks that have a prediction of the live version"
+    )
+    bulk.add_argument("--wait", action="store_true", help="print progress until the job ends")
+    bulk.set_defaults(func=cmd_predict_project)
 
     versions = sub.add_parser("versions", help="list a project's checkpoint versions")
     versions.add_argument("project")

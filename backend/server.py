@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend import __version__, metrics
+from backend.bulk import enqueue_bulk, job_progress
 from backend.errors import BackendError, BadRequest, RequestTooLarge, Unauthorized
 from backend.labeling import parse_label_config
 from backend.redis_server import connect, ensure_redis
@@ -41,6 +42,11 @@ class PredictRequest(BaseModel):
     label_config: str | None = None
     project: str | int | None = None
     params: dict[str, Any] = {}
+
+
+class BulkRequest(BaseModel):
+    project: int | str
+    only_missing: bool = True  # skip tasks that already have a prediction of the live version
 
 
 class SetupRequest(BaseModel):
@@ -234,6 +240,22 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
         status, answer = service.on_webhook(body if isinstance(body, dict) else {})
         log.info("webhook action=%s answer=%s", action, answer.get("status"))
         return JSONResponse(answer, status_code=status)
+
+    @app.post("/bulk-predict")
+    async def bulk_predict(request: Request) -> JSONResponse:
+        body = BulkRequest.model_validate(await read_json(request, settings.max_request_bytes))
+        if service.redis is None:
+            raise BadRequest("bulk predictions need Redis and a worker (REDIS_URL, ls-sahi worker)")
+        job = enqueue_bulk(service.redis, settings, str(body.project), body.only_missing)
+        return JSONResponse(
+            {"job": job.id, "status": str(job.get_status(refresh=False))}, status_code=202
+        )
+
+    @app.get("/bulk-predict/{project}")
+    async def bulk_progress(project: str) -> dict[str, Any]:
+        if service.redis is None:
+            raise BadRequest("bulk predictions need Redis and a worker (REDIS_URL, ls-sahi worker)")
+        return job_progress(service.redis, project)
 
     @app.get("/versions")
     async def versions(project: str | None = None) -> dict[str, Any]:

@@ -66,6 +66,13 @@ def load_version_bundle(version: Version, base: ModelBundle, settings: Settings)
     return ModelBundle(detector, classifier, version=version.model_version)
 
 
+def project_bundle(settings: Settings, registry: Registry, project: str) -> ModelBundle:
+    """The models a project is served with now: its live version, or the base models."""
+    base = load_base_bundle(settings)
+    live = registry.live(project)
+    return load_version_bundle(registry.get(project, live), base, settings) if live else base
+
+
 def check_bundle(bundle: ModelBundle) -> None:
     """Run each model once on a blank image: catches broken checkpoints and warms them up."""
     blank = np.full((64, 64, 3), 127, dtype=np.uint8)

@@ -27,7 +27,7 @@ from backend.labeling import ControlTag, parse_label_config
 from backend.predict import SliceConfig, sliced_detect
 from backend.redis_server import connect, ensure_redis
 from backend.registry import Registry, model_version
-from backend.service import load_base_bundle, load_version_bundle
+from backend.service import project_bundle
 from backend.settings import Settings, get_settings
 from backend.slicing import Detections
 from backend.studio import StudioClient
@@ -114,11 +114,7 @@ def run_training(ctx: JobContext, project: str, reason: str, run_id: str) -> dic
         images = {t.task_id: loader.load(t.image_url, t.task_id) for t in [*train, *held]}
 
     live_name = registry.live(project)
-    parent = (
-        load_version_bundle(registry.get(project, live_name), load_base_bundle(settings), settings)
-        if live_name
-        else load_base_bundle(settings)
-    )
+    parent = project_bundle(settings, registry, project)
     slicing = SliceConfig.from_settings(settings)
     curves: dict[str, list[float]] = {}
     metrics: dict[str, Any] = {}

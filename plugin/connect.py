@@ -1,0 +1,233 @@
+"""``ls-sahi-connect``: wire a Label Studio project to the backend in one command.
+
+    LABEL_STUDIO_URL=http://localhost:8080 LABEL_STUDIO_API_KEY=... \\
+        ls-sahi-connect --title "Aerial cars" --template boxes --backend http://localhost:9090
+
+It creates the project (or updates the one named by ``--project`` / ``--title``) with a
+labeling-config template (or keeps the project's own config), connects the backend as the
+project's ML backend with auto-update on, makes sure the backend's webhook exists, and
+turns predictions on for pre-labelling. Every step first reads what is there and changes
+only what differs, so a second run changes nothing. It prints what it did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import httpx
+
+TEMPLATES = {"boxes": "boxes.xml", "boxes-scenes": "boxes_and_scenes.xml", "classes": "classes.xml"}
+TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+# Project settings that make Label Studio use the backend's predictions for pre-labelling.
+PREDICTION_SETTINGS = {"show_collab_predictions": True, "evaluate_predictions_automatically": True}
+
+
+class ConnectError(Exception):
+    """Something the user must fix; the message says what."""
+
+
+def template(name: str) -> str:
+    return (resources.files("plugin") / "templates" / TEMPLATES[name]).read_text()
+
+
+class Studio:
+    """The few Label Studio REST calls wiring needs; legacy tokens and personal access tokens."""
+
+    def __init__(self, url: str, api_key: str) -> None:
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        self.client = httpx.Client(base_url=self.url, timeout=TIMEOUT)
+        self._access: tuple[str, float] | None = None
+
+    def _auth(self) -> str:
+        # Personal access tokens are JWT refresh tokens: exchange them for 5-minute access tokens.
+        if not self.api_key.startswith("eyJ"):
+            return f"Token {self.api_key}"
+        if self._access is None or self._access[1] < time.monotonic():
+            answer = self.client.post("/api/token/refresh", json={"refresh": self.api_key})
+            if answer.status_code != 200:
+                raise ConnectError(
+                    f"Label Studio refused the personal access token ({answer.status_code}); check LABEL_STUDIO_API_KEY"
+                )
+            self._access = (answer.json()["access"], time.monotonic() + 240)
+        return f"Bearer {self._access[0]}"
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        answer = self.client.request(
+            method, path, headers={"Authorization": self._auth()}, **kwargs
+        )
+        if answer.status_code in (401, 403):
+            raise ConnectError(
+                f"Label Studio refused the token on {path} ({answer.status_code}); check LABEL_STUDIO_API_KEY"
+            )
+        if answer.status_code >= 400:
+            raise ConnectError(
+                f"{method} {path} answered {answer.status_code}: {answer.text[:300]}"
+            )
+        return answer.json() if answer.content else None
+
+    def items(self, path: str, **params: Any) -> list[dict[str, Any]]:
+        """A list endpoint's items, whether Label Studio pages it or not."""
+        body = self.call("GET", path, params=params)
+        return list(body["results"] if isinstance(body, dict) and "results" in body else body)
+
+
+def connect(
+    studio: Studio,
+    backend_url: str,
+    *,
+    project_id: int | None = None,
+    title: str | None = None,
+    template_name: str | None = "boxes",
+    backend_title: str = "label-studio-sahi",
+) -> tuple[int, list[str]]:
+    """Wire a project to the backend; returns ``(project id, what was done)``."""
+    done: list[str] = []
+    backend_url = backend_url.rstrip("/")
+    try:
+        health = httpx.get(f"{backend_url}/health", timeout=TIMEOUT).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise ConnectError(
+            f"the backend at {backend_url} does not answer /health ({type(exc).__name__}); start it with `ls-sahi up`"
+        ) from exc
+    studio.call("GET", "/api/current-user/whoami")
+
+    config = template(template_name) if template_name else None
+    project = _find_project(studio, project_id, title)
+    if project is None:
+        if not title or len(title) < 3:
+            raise ConnectError(
+                "no such project: give --project ID, or --title (3+ characters) to create one"
+            )
+        project = studio.call(
+            "POST",
+            "/api/projects",
+            json={"title": title, "label_config": config or template("boxes")},
+        )
+        done.append(f"created project {project['id']} '{title}'")
+    elif config is not None and project.get("label_config", "").strip() != config.strip():
+        studio.call("PATCH", f"/api/projects/{project['id']}", json={"label_config": config})
+        done.append(
+            f"set the labeling config of project {project['id']} to the '{template_name}' template"
+        )
+    pid = int(project["id"])
+
+    backends = [
+        b
+        for b in studio.items("/api/ml", project=pid)
+        if str(b.get("url", "")).rstrip("/") == backend_url
+    ]
+    if not backends:
+        studio.call(
+            "POST",
+            "/api/ml",
+            json={"url": backend_url, "project": pid, "title": backend_title, "auto_update": True},
+        )
+        done.append(f"connected the ML backend {backend_url} (model {health.get('model_version')})")
+    elif not backends[0].get("auto_update"):
+        # Label Studio answers 500 to a PATCH without url and project.
+        studio.call(
+            "PATCH",
+            f"/api/ml/{backends[0]['id']}",
+            json={"url": backend_url, "project": pid, "auto_update": True},
+        )
+        done.append("turned auto-update on for the ML backend")
+
+    hook_url = f"{backend_url}/webhook"
+    hooks = [h for h in studio.items("/api/webhooks", project=pid) if h.get("url") == hook_url]
+    if not hooks:
+        studio.call(
+            "POST",
+            "/api/webhooks",
+            json={
+                "project": pid,
+                "url": hook_url,
+                "send_payload": True,
+                "send_for_all_actions": True,
+                "is_active": True,
+            },
+        )
+        done.append(f"created the webhook {hook_url}")
+    elif not hooks[0].get("is_active", True):
+        studio.call("PATCH", f"/api/webhooks/{hooks[0]['id']}", json={"is_active": True})
+        done.append("re-activated the webhook")
+
+    current = studio.call("GET", f"/api/projects/{pid}")
+    changes = {k: v for k, v in PREDICTION_SETTINGS.items() if current.get(k) != v}
+    if changes:
+        studio.call("PATCH", f"/api/projects/{pid}", json=changes)
+        done.append("turned on predictions for pre-labelling (" + ", ".join(changes) + ")")
+    return pid, done
+
+
+def _find_project(
+    studio: Studio, project_id: int | None, title: str | None
+) -> dict[str, Any] | None:
+    if project_id is not None:
+        return studio.call("GET", f"/api/projects/{project_id}")
+    if title:
+        for project in studio.items("/api/projects", title=title, page_size=1000):
+            if project.get("title") == title:
+                return studio.call("GET", f"/api/projects/{project['id']}")
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ls-sahi-connect",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--project", type=int, help="an existing project's id")
+    target.add_argument("--title", help="the project's title (created if no project has it)")
+    parser.add_argument(
+        "--template",
+        choices=[*TEMPLATES, "keep"],
+        default="boxes",
+        help="labeling config ('keep': the project's own)",
+    )
+    parser.add_argument(
+        "--backend",
+        default=os.environ.get("BACKEND_URL", "http://127.0.0.1:9090"),
+        help="the backend's URL as Label Studio reaches it",
+    )
+    parser.add_argument(
+        "--label-studio",
+        default=os.environ.get("LABEL_STUDIO_URL"),
+        help="Label Studio's URL (LABEL_STUDIO_URL)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    args = parser.parse_args(argv)
+    api_key = os.environ.get("LABEL_STUDIO_API_KEY", "")
+    if not args.label_studio or not api_key:
+        print(
+            "ls-sahi-connect: error: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (legacy token or personal access token)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        pid, done = connect(
+            Studio(args.label_studio, api_key), args.backend, project_id=args.project, title=args.title,
+            template_name=None if args.template == "keep" else args.template,
+        )  # fmt: skip
+    except ConnectError as exc:
+        print(f"ls-sahi-connect: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"project": pid, "changes": done}))
+    else:
+        for line in done or ["nothing to change: already wired"]:
+            print(f"project {pid}: {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
