@@ -82,6 +82,13 @@ class Registry:
 
     # --- versions on disk ------------------------------------------------------------------
 
+    def projects(self) -> list[str]:
+        """Projects that have a folder of versions."""
+        if not self.root.is_dir():
+            return []
+        names = (p.name for p in self.root.iterdir() if p.is_dir())
+        return sorted(n for n in names if re.fullmatch(r"[A-Za-z0-9_-]+", n))
+
     def versions(self, project: str) -> list[Version]:
         """Complete versions, oldest first."""
         folder = self.project_dir(project)

@@ -152,11 +152,12 @@ class Service:
         return self.predictor_for(project).bundle.version
 
     def versions(self, project: str | None) -> list[str]:
-        """Model versions of a project, newest first, the base models last."""
-        found = (
-            [v.model_version for v in reversed(self.registry.versions(project))] if project else []
-        )
-        return [*found, self.base_version]
+        """Model versions of a project (Label Studio asks without one: then of every
+        project), newest first, the base models last."""
+        projects = [project] if project else self.registry.projects()
+        found = [v for p in projects for v in self.registry.versions(p)]
+        found.sort(key=lambda v: (v.meta.get("created_at", ""), v.number), reverse=True)
+        return [*(v.model_version for v in found), self.base_version]
 
     def refresh(self, project: str | None) -> None:
         """Bring one project (or, with None, every project) to its live version."""

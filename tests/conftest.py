@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -92,6 +93,8 @@ def make_settings(**overrides: Any) -> Settings:
         "score_threshold": 0.3,
         "device": "cpu",
         "window_batch_size": 4,
+        # Never the user's real MODEL_DIR (~/.local/share/label-studio-sahi).
+        "model_dir": Path(tempfile.mkdtemp(prefix="ls-sahi-models-")),
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -1,0 +1,309 @@
+"""The whole loop against a real Label Studio 1.23 and the backend started as the README starts it.
+
+Label Studio runs from its own virtualenv (``scripts/label-studio-venv``; CI sets
+``LS_SAHI_LS_PYTHON``). The backend is ``ls-sahi up`` (server + worker + embedded Redis)
+with small models: an untrained detector, so that fine-tuning on the annotators' boxes
+measurably beats it and is promoted, and the tiny trained scene classifier. Everything lives
+in the test's run folder and is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from labelled_project import LABEL_OF, SCENE_OF, png
+from tiny_models import SCENE_COLOURS, draw_scene, random_detr
+
+from e2e.studio_server import StudioServer
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        not os.environ.get("LS_SAHI_LS_PYTHON"),
+        reason="LS_SAHI_LS_PYTHON is not set (scripts/test sets it)",
+    ),
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+N_UPLOADED, N_LOCAL = 4, 4
+IMAGE_SIZE = (384, 256)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Backend:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> list[psutil.Process]:
+        children = psutil.Process(self.process.pid).children(recursive=True)
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        return children
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("e2e-run")
+
+
+@pytest.fixture(scope="module")
+def studio(run_dir: Path) -> Iterator[StudioServer]:
+    server = StudioServer(run_dir / "label-studio")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def backend(studio: StudioServer, run_dir: Path, classifier_dir: Path) -> Iterator[Backend]:
+    """``ls-sahi up``, authenticated to Label Studio with a personal access token."""
+    port = _free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LABEL_STUDIO", "REDIS", "DETECTOR", "CLASSIFIER"))
+    }
+    env.update(
+        HOST="127.0.0.1", PORT=str(port), MODEL_DIR=str(run_dir / "models"), HF_HOME=str(run_dir / "hf"),
+        HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", DEVICE="cpu",
+        DETECTOR_MODEL=str(random_detr(run_dir / "untrained-detector", seed=1)), CLASSIFIER_MODEL=str(classifier_dir),
+        LABEL_STUDIO_URL=studio.url, LABEL_STUDIO_API_KEY=studio.personal_access_token(),
+        LOCAL_FILES_DOCUMENT_ROOT=str(studio.document_root),
+        SLICE_HEIGHT="128", SLICE_WIDTH="128", SCORE_THRESHOLD="0.05",
+        TRAIN_AFTER_ANNOTATIONS="6", TRAIN_DEBOUNCE_SECONDS="0", TRAIN_STEPS="300", TRAIN_BATCH_SIZE="4",
+        LEARNING_RATE="1e-3", BACKBONE_LEARNING_RATE="1e-3", HOLDOUT_FRACTION="0.25", NEGATIVE_WINDOW_RATIO="0.1",
+        SWAP_POLL_SECONDS="1", WORKER_MAINTENANCE_INTERVAL="5",
+    )  # fmt: skip
+    log = run_dir / "backend.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", "up"],
+        env=env,
+        cwd=ROOT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    running = Backend(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{running.url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    yield running
+    children = running.stop()
+    time.sleep(1)
+    assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def _connect(studio: StudioServer, backend: Backend, api_key: str, *args: str) -> dict[str, Any]:
+    env = {**os.environ, "LABEL_STUDIO_URL": studio.url, "LABEL_STUDIO_API_KEY": api_key}
+    run = subprocess.run(
+        [sys.executable, "-m", "plugin.connect", "--backend", backend.url, "--json", *args],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def _scene(i: int) -> tuple[bytes, list[dict[str, Any]]]:
+    """An image and its annotation (every square, and the scene class)."""
+    rng = random.Random(100 + i)
+    kind = sorted(SCENE_COLOURS)[i % 2]
+    scene = draw_scene(*IMAGE_SIZE, 6, rng, background=SCENE_COLOURS[kind])
+    w, h = IMAGE_SIZE
+    result: list[dict[str, Any]] = [
+        {
+            "from_name": "label",
+            "to_name": "image",
+            "type": "rectanglelabels",
+            "original_width": w,
+            "original_height": h,
+            "value": {
+                "x": 100 * x1 / w,
+                "y": 100 * y1 / h,
+                "width": 100 * (x2 - x1) / w,
+                "height": 100 * (y2 - y1) / h,
+                "rotation": 0,
+                "rectanglelabels": [LABEL_OF[label]],
+            },
+        }
+        for (x1, y1, x2, y2), label in zip(scene.boxes, scene.labels, strict=True)
+    ]
+    result.append(
+        {
+            "from_name": "scene",
+            "to_name": "image",
+            "type": "choices",
+            "value": {"choices": [SCENE_OF[kind]]},
+        }
+    )
+    return png(scene.image), result
+
+
+def _predictions(studio: StudioServer, project: int) -> list[dict[str, Any]]:
+    body = studio.api("GET", "/api/predictions", params={"project": project}).json()
+    return list(body["results"] if isinstance(body, dict) else body)
+
+
+def _retrieve(studio: StudioServer, project: int) -> None:
+    answer = studio.api(
+        "POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project},
+        json={"selectedItems": {"all": True, "excluded": []}}, timeout=300,
+    )  # fmt: skip
+    assert answer.status_code == 200, answer.text
+
+
+def _live_version(backend: Backend, project: int) -> str:
+    return str(
+        httpx.post(f"{backend.url}/setup", json={"project": str(project)}, timeout=30).json()[
+            "model_version"
+        ]
+    )
+
+
+def test_label_studio_end_to_end(studio: StudioServer, backend: Backend, run_dir: Path) -> None:
+    # 1. Wire a project in one command, with the legacy token; a second run changes nothing.
+    wired = _connect(
+        studio, backend, studio.legacy_token, "--title", "e2e squares", "--template", "boxes-scenes"
+    )
+    project = wired["project"]
+    assert any("connected the ML backend" in line for line in wired["changes"])
+    assert (
+        _connect(
+            studio,
+            backend,
+            studio.personal_access_token(),
+            "--title",
+            "e2e squares",
+            "--template",
+            "boxes-scenes",
+        )["changes"]
+        == []
+    )
+    base_version = _live_version(backend, project)
+
+    # 2. Import images: by upload, and from local storage.
+    scenes = [_scene(i) for i in range(N_UPLOADED + N_LOCAL)]
+    files = {f"file{i}": (f"up{i}.png", scenes[i][0], "image/png") for i in range(N_UPLOADED)}
+    assert studio.api("POST", f"/api/projects/{project}/import", files=files).status_code in (
+        200,
+        201,
+    )
+    local = studio.document_root / "squares"
+    local.mkdir(parents=True, exist_ok=True)
+    for i in range(N_UPLOADED, N_UPLOADED + N_LOCAL):
+        (local / f"local{i}.png").write_bytes(scenes[i][0])
+    storage = {"project": project, "title": "squares", "path": str(local), "use_blob_urls": True}
+    assert studio.api("POST", "/api/storages/localfiles", json=storage).status_code in (200, 201)
+    imported = [
+        {"data": {"image": f"/data/local-files/?d=squares/local{i}.png"}}
+        for i in range(N_UPLOADED, N_UPLOADED + N_LOCAL)
+    ]
+    assert studio.api("POST", f"/api/projects/{project}/import", json=imported).status_code in (
+        200,
+        201,
+    )
+    tasks = studio.api("GET", "/api/tasks", params={"project": project, "page_size": 100}).json()
+    tasks = tasks["tasks"] if isinstance(tasks, dict) else tasks
+    assert len(tasks) == N_UPLOADED + N_LOCAL
+    urls = sorted(t["data"]["image"] for t in tasks)
+    assert (
+        sum("/data/upload/" in u for u in urls) == N_UPLOADED
+        and sum("/data/local-files/" in u for u in urls) == N_LOCAL
+    )
+
+    # 3. Predictions appear in Label Studio, made by the backend's model version.
+    _retrieve(studio, project)
+    predictions = _predictions(studio, project)
+    assert {p["task"] for p in predictions} == {t["id"] for t in tasks}
+    assert {p["model_version"] for p in predictions} == {base_version}
+    assert all(any(r["type"] == "choices" for r in p["result"]) for p in predictions)
+
+    # 4. Annotations created through the API reach the backend, and training by count runs.
+    for i in range(N_UPLOADED + N_LOCAL):
+        name = f"up{i}.png" if i < N_UPLOADED else f"local{i}.png"
+        task = next(t for t in tasks if t["data"]["image"].endswith(name))  # uploads get a prefix
+        answer = studio.api(
+            "POST", f"/api/tasks/{task['id']}/annotations", json={"result": scenes[i][1]}
+        )
+        assert answer.status_code == 201, answer.text
+    metrics = httpx.get(f"{backend.url}/metrics").text
+    webhooks = sum(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith('ls_sahi_requests_total{route="/webhook"')
+    )
+    assert webhooks >= N_UPLOADED + N_LOCAL
+
+    first = _wait_for_new_version(backend, project, base_version)
+    assert first == f"p{project}-v1"
+
+    # 5. The Train button trains again and publishes another version.
+    [ml] = [
+        m
+        for m in studio.api("GET", "/api/ml", params={"project": project}).json()
+        if m["url"].rstrip("/") == backend.url
+    ]
+    assert studio.api("POST", f"/api/ml/{ml['id']}/train", json={}).status_code in (200, 201)
+    _wait_for_versions(backend, project, 2)
+
+    # 6. Label Studio retrieves predictions of the new version.
+    live = _live_version(backend, project)
+    assert live != base_version
+    _retrieve(studio, project)
+    newest = [p for p in _predictions(studio, project) if p["model_version"] == live]
+    assert {p["task"] for p in newest} == {t["id"] for t in tasks}
+    assert any(r["type"] == "rectanglelabels" for p in newest for r in p["result"])
+    versions = studio.api("GET", f"/api/ml/{ml['id']}/versions").json()
+    assert live in json.dumps(versions)
+
+
+def _wait_for_new_version(backend: Backend, project: int, old: str, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        version = _live_version(backend, project)
+        if version != old:
+            return version
+        time.sleep(1)
+    raise AssertionError(f"no new version after {timeout} s:\n{backend.log.read_text()[-4000:]}")
+
+
+def _wait_for_versions(backend: Backend, project: int, count: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        versions = httpx.get(f"{backend.url}/versions", params={"project": str(project)}).json()[
+            "versions"
+        ]
+        if len([v for v in versions if v.startswith(f"p{project}-")]) >= count:
+            return
+        time.sleep(1)
+    raise AssertionError(
+        f"fewer than {count} versions after {timeout} s:\n{backend.log.read_text()[-4000:]}"
+    )
