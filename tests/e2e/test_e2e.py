@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ import pytest
 from labelled_project import LABEL_OF, SCENE_OF, png
 from tiny_models import SCENE_COLOURS, draw_scene, random_detr
 
+from e2e.screenshot import chromium, screenshot_task
 from e2e.studio_server import StudioServer
 
 pytestmark = [
@@ -274,7 +276,16 @@ def test_label_studio_end_to_end(studio: StudioServer, backend: Backend, run_dir
     assert studio.api("POST", f"/api/ml/{ml['id']}/train", json={}).status_code in (200, 201)
     _wait_for_versions(backend, project, 2)
 
-    # 6. Label Studio retrieves predictions of the new version.
+    # 6. Label Studio retrieves predictions of the new version (for a new image too).
+    fresh_png, _ = _scene(N_UPLOADED + N_LOCAL)
+    fresh = {"file": ("fresh.png", fresh_png, "image/png")}
+    assert studio.api("POST", f"/api/projects/{project}/import", files=fresh).status_code in (
+        200,
+        201,
+    )
+    tasks = studio.api("GET", "/api/tasks", params={"project": project, "page_size": 100}).json()[
+        "tasks"
+    ]
     live = _live_version(backend, project)
     assert live != base_version
     _retrieve(studio, project)
@@ -283,6 +294,18 @@ def test_label_studio_end_to_end(studio: StudioServer, backend: Backend, run_dir
     assert any(r["type"] == "rectanglelabels" for p in newest for r in p["result"])
     versions = studio.api("GET", f"/api/ml/{ml['id']}/versions").json()
     assert live in json.dumps(versions)
+
+    # 7. What the annotator sees: the new image with the backend's pre-annotations.
+    if chromium() is None:
+        print("\nno chromium: screenshot skipped")
+        return
+    new_task = next(t for t in tasks if t["data"]["image"].endswith("fresh.png"))
+    shot = screenshot_task(
+        studio, project, new_task["id"], run_dir / "label-studio-predictions.png"
+    )
+    assert shot.stat().st_size > 20_000
+    if os.environ.get("LS_SAHI_SCREENSHOT_TO"):
+        shutil.copy(shot, os.environ["LS_SAHI_SCREENSHOT_TO"])
 
 
 def _wait_for_new_version(backend: Backend, project: int, old: str, timeout: float = 300) -> str:
