@@ -25,7 +25,7 @@ from backend.images import ImageLoader
 from backend.jobs import TrainingTrigger
 from backend.labeling import LabelConfig
 from backend.predict import ImageLoaderFn, ModelBundle, Predictor
-from backend.registry import Registry, Version
+from backend.registry import Registry, Version, VersionNotFound
 from backend.settings import Settings
 from backend.swap import LiveWatcher
 
@@ -70,7 +70,14 @@ def project_bundle(settings: Settings, registry: Registry, project: str) -> Mode
     """The models a project is served with now: its live version, or the base models."""
     base = load_base_bundle(settings)
     live = registry.live(project)
-    return load_version_bundle(registry.get(project, live), base, settings) if live else base
+    if not live:
+        return base
+    try:
+        return load_version_bundle(registry.get(project, live), base, settings)
+    except VersionNotFound:
+        # A pointer to a version this MODEL_DIR does not hold (deleted, or another volume).
+        log.warning("live_version_missing project=%s version=%s using=base", project, live)
+        return base
 
 
 def check_bundle(bundle: ModelBundle) -> None:
@@ -184,7 +191,18 @@ class Service:
                     self.base_version,
                 )
             return
-        version = self.registry.get(project, wanted)
+        try:
+            version = self.registry.get(project, wanted)
+        except VersionNotFound:
+            if self._refused.get(project) != wanted:
+                log.error(
+                    "version_refused project=%s version=%s error=not_on_disk keeps=%s",
+                    project,
+                    wanted,
+                    current.bundle.version,
+                )
+            self._refused[project] = wanted
+            return
         if current.bundle.version == version.model_version or self._refused.get(project) == wanted:
             return
         try:
