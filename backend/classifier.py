@@ -2,42 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers import AutoModelForImageClassification
 
-from backend.hub import checkpoint_revision, half_dtype, load_pretrained, resolve_device, short_name
+from backend.hub import PretrainedModel
 
 
-@dataclass
-class Classifier:
-    model: Any
-    processor: Any
-    device: torch.device
-    dtype: torch.dtype
-    version: str
-
-    def __post_init__(self) -> None:
-        self.model.eval().to(self.device, dtype=self.dtype)
-        self._lock = threading.Lock()
-
-    @classmethod
-    def load(cls, source: str, device: str = "auto", half_precision: bool = True) -> Classifier:
-        model, processor = load_pretrained(
-            AutoModelForImageClassification, AutoImageProcessor, source, "CLASSIFIER_MODEL"
-        )
-        dev = resolve_device(device)
-        version = f"{short_name(source)}@{checkpoint_revision(source, model)}"
-        return cls(model, processor, dev, half_dtype(dev, half_precision), version)
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return {int(k): str(v) for k, v in self.model.config.id2label.items()}
+class Classifier(PretrainedModel):
+    AUTO_MODEL = AutoModelForImageClassification
+    SETTING = "CLASSIFIER_MODEL"
 
     @property
     def multi_label(self) -> bool:

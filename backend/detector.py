@@ -9,46 +9,20 @@ decode it.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoImageProcessor, AutoModelForObjectDetection
+from transformers import AutoModelForObjectDetection
 
-from backend.hub import checkpoint_revision, half_dtype, load_pretrained, resolve_device, short_name
+from backend.hub import PretrainedModel
 from backend.slicing import Detections, clip_boxes
 
 
-@dataclass
-class Detector:
-    model: Any
-    processor: Any
-    device: torch.device
-    dtype: torch.dtype
-    version: str
-
-    def __post_init__(self) -> None:
-        self.model.eval().to(self.device, dtype=self.dtype)
-        # One forward at a time per model: concurrent forwards on a CPU only fight over the
-        # same cores, and on a GPU they multiply peak memory.
-        self._lock = threading.Lock()
-
-    @classmethod
-    def load(cls, source: str, device: str = "auto", half_precision: bool = True) -> Detector:
-        """Load from a hub id or folder (see ``backend.hub.load_pretrained`` for errors)."""
-        model, processor = load_pretrained(
-            AutoModelForObjectDetection, AutoImageProcessor, source, "DETECTOR_MODEL"
-        )
-        dev = resolve_device(device)
-        version = f"{short_name(source)}@{checkpoint_revision(source, model)}"
-        return cls(model, processor, dev, half_dtype(dev, half_precision), version)
-
-    @property
-    def id2label(self) -> dict[int, str]:
-        return {int(k): str(v) for k, v in self.model.config.id2label.items()}
+class Detector(PretrainedModel):
+    AUTO_MODEL = AutoModelForObjectDetection
+    SETTING = "DETECTOR_MODEL"
 
     def preprocess(self, images: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
         """The checkpoint's own resize and normalisation, batched, on the model's device."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import torch
 
@@ -96,3 +98,40 @@ def short_name(source: str) -> str:
 def half_dtype(device: torch.device, half_precision: bool) -> torch.dtype:
     """float16 on CUDA when asked (it halves memory and doubles speed there), else float32."""
     return torch.float16 if half_precision and device.type == "cuda" else torch.float32
+
+
+@dataclass
+class PretrainedModel:
+    """A transformers model with its processor, on its device, named by its version.
+
+    Subclasses set ``AUTO_MODEL`` and ``SETTING`` (the env var that names the checkpoint).
+    One forward at a time per model (``_lock``): concurrent forwards on a CPU only fight
+    over the same cores, and on a GPU they multiply peak memory.
+    """
+
+    model: Any
+    processor: Any
+    device: torch.device
+    dtype: torch.dtype
+    version: str
+
+    AUTO_MODEL: ClassVar[Any] = None
+    SETTING: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.model.eval().to(self.device, dtype=self.dtype)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, source: str, device: str = "auto", half_precision: bool = True) -> Self:
+        """Load from a hub id or folder (see ``load_pretrained`` for the errors)."""
+        from transformers import AutoImageProcessor
+
+        model, processor = load_pretrained(cls.AUTO_MODEL, AutoImageProcessor, source, cls.SETTING)
+        dev = resolve_device(device)
+        version = f"{short_name(source)}@{checkpoint_revision(source, model)}"
+        return cls(model, processor, dev, half_dtype(dev, half_precision), version)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return {int(k): str(v) for k, v in self.model.config.id2label.items()}

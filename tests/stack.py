@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def stack_settings(
-    fake: FakeStudio, redis_url: str, detector: Path, model_dir: Path, **overrides: Any
+    fake: FakeStudio, redis_url: str | None, detector: Path, model_dir: Path, **overrides: Any
 ) -> Settings:
     values: dict[str, Any] = {
         "redis_url": redis_url,

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_settings
 from fake_studio import FakeStudio
 from labelled_project import labelled_project
 from safetensors.torch import load_file
+from stack import stack_settings
 from tiny_models import random_detr
 
 from backend.registry import Registry
@@ -18,21 +18,7 @@ from backend.training.job import JobContext, run_training
 
 
 def _settings(fake: FakeStudio, detector: Path, model_dir: Path, **overrides: Any) -> Any:
-    values: dict[str, Any] = {
-        "label_studio_url": fake.url,
-        "label_studio_api_key": fake.legacy_token,
-        "detector_model": str(detector),
-        "classifier_model": "",
-        "model_dir": model_dir,
-        "train_steps": 300,
-        "train_batch_size": 4,
-        "learning_rate": 1e-3,
-        "backbone_learning_rate": 1e-3,
-        "holdout_fraction": 0.25,
-        "negative_window_ratio": 0.1,
-    }
-    values.update(overrides)
-    return make_settings(**values)
+    return stack_settings(fake, None, detector, model_dir, **overrides)
 
 
 @pytest.fixture
