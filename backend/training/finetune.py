@@ -143,14 +143,6 @@ def _run_steps(
 ) -> list[float]:
     model.train()
     optimizer = _optimizer(model, settings)
-    # Warm up over the first tenth of the steps, then decay (cosine): a new class head
-    # starts from noise, and full-rate updates on it at step one shake the whole model.
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=[group["lr"] for group in optimizer.param_groups],
-        total_steps=max(steps, 2),
-        pct_start=0.1,
-    )
     precision = _Precision(device)
     curve: list[float] = []
     start = time.monotonic()
@@ -163,7 +155,6 @@ def _run_steps(
         nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         precision.scaler.step(optimizer)
         precision.scaler.update()
-        schedule.step()
         curve.append(float(loss.detach()))
         if progress is not None:
             elapsed = time.monotonic() - start

@@ -96,7 +96,7 @@ def backend(studio: StudioServer, run_dir: Path, classifier_dir: Path) -> Iterat
         LABEL_STUDIO_URL=studio.url, LABEL_STUDIO_API_KEY=studio.personal_access_token(),
         LOCAL_FILES_DOCUMENT_ROOT=str(studio.document_root),
         SLICE_HEIGHT="128", SLICE_WIDTH="128", SCORE_THRESHOLD="0.05",
-        TRAIN_AFTER_ANNOTATIONS="6", TRAIN_DEBOUNCE_SECONDS="0", TRAIN_STEPS="300", TRAIN_BATCH_SIZE="4",
+        TRAIN_AFTER_ANNOTATIONS="8", TRAIN_DEBOUNCE_SECONDS="0", TRAIN_STEPS="300", TRAIN_BATCH_SIZE="4",
         LEARNING_RATE="1e-3", BACKBONE_LEARNING_RATE="1e-3", HOLDOUT_FRACTION="0.25", NEGATIVE_WINDOW_RATIO="0.1",
         SWAP_POLL_SECONDS="1", WORKER_MAINTENANCE_INTERVAL="5",
     )  # fmt: skip
@@ -295,7 +295,28 @@ def test_label_studio_end_to_end(studio: StudioServer, backend: Backend, run_dir
     versions = studio.api("GET", f"/api/ml/{ml['id']}/versions").json()
     assert live in json.dumps(versions)
 
-    # 7. What the annotator sees: the new image with the backend's pre-annotations.
+    # 7. Bulk predictions for curators: every task again, written through Label Studio's API.
+    before = len(_predictions(studio, project))
+    queued = httpx.post(
+        f"{backend.url}/bulk-predict", json={"project": project, "only_missing": False}
+    )
+    assert queued.status_code == 202
+
+    def bulk_done() -> dict[str, Any] | None:
+        progress = httpx.get(f"{backend.url}/bulk-predict/{project}").json()
+        return progress if progress["status"] in ("finished", "failed") else None
+
+    deadline = time.monotonic() + 180
+    while (progress := bulk_done()) is None and time.monotonic() < deadline:
+        time.sleep(1)
+    assert progress and progress["status"] == "finished", backend.log.read_text()[-3000:]
+    assert (
+        progress["result"]["predicted"] == len(tasks)
+        and progress["result"]["model_version"] == live
+    )
+    assert len(_predictions(studio, project)) == before + len(tasks)
+
+    # 8. What the annotator sees: the new image with the backend's pre-annotations.
     if chromium() is None:
         print("\nno chromium: screenshot skipped")
         return
