@@ -190,13 +190,21 @@ def main() -> None:
     }
     try:
         time_predict(live.url, ls_url)  # warm-up: first-call allocations, lazy imports
-        for _ in range(args.repeats):
-            rows["predict (HTTP)"].append(time_predict(live.url, ls_url))
-            rows["model forward only"].append(time_forward(detector, pixels, cfg))
-            if not args.skip_sahi:
-                rows["sahi get_sliced_prediction"].append(
-                    time_sahi(detector, pixels, cfg, settings.score_threshold)
-                )
+        paths = {
+            "predict (HTTP)": lambda: time_predict(live.url, ls_url),
+            "model forward only": lambda: time_forward(detector, pixels, cfg),
+            "sahi get_sliced_prediction": lambda: time_sahi(
+                detector, pixels, cfg, settings.score_threshold
+            ),
+        }
+        if args.skip_sahi:
+            del paths["sahi get_sliced_prediction"]
+        order = list(paths)
+        for repeat in range(args.repeats):
+            # Rotate the order each repeat: whichever runs first or last in a row of
+            # minute-long CPU runs is measurably favoured on a shared machine.
+            for name in order[repeat % len(order) :] + order[: repeat % len(order)]:
+                rows[name].append(paths[name]())
     finally:
         stop_uvicorn(live)
         httpd.shutdown()
