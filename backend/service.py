@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -53,31 +54,39 @@ def load_base_bundle(settings: Settings) -> ModelBundle:
     return bundle
 
 
-def load_version_bundle(version: Version, base: ModelBundle, settings: Settings) -> ModelBundle:
-    """A fine-tuned version's models (its classifier, or the base one if it has none)."""
+def _load_classifier(source: str, settings: Settings) -> Classifier | None:
+    return Classifier.load(source, settings.device, settings.half_precision) if source else None
+
+
+def load_version_bundle(
+    version: Version, base_classifier: Callable[[], Classifier | None], settings: Settings
+) -> ModelBundle:
+    """A fine-tuned version's models: its classifier, or (only then loaded) the base one."""
     detector = Detector.load(
         str(version.path / "detector"), settings.device, settings.half_precision
     )
-    classifier = base.classifier
-    if (version.path / "classifier").is_dir():
-        classifier = Classifier.load(
-            str(version.path / "classifier"), settings.device, settings.half_precision
-        )
+    own = version.path / "classifier"
+    classifier = _load_classifier(str(own), settings) if own.is_dir() else base_classifier()
     return ModelBundle(detector, classifier, version=version.model_version)
 
 
 def project_bundle(settings: Settings, registry: Registry, project: str) -> ModelBundle:
-    """The models a project is served with now: its live version, or the base models."""
-    base = load_base_bundle(settings)
+    """The models a project is served with now: its live version, or the base models.
+
+    A live version's bundle never loads the base detector it replaces.
+    """
     live = registry.live(project)
-    if not live:
-        return base
-    try:
-        return load_version_bundle(registry.get(project, live), base, settings)
-    except VersionNotFound:
-        # A pointer to a version this MODEL_DIR does not hold (deleted, or another volume).
-        log.warning("live_version_missing project=%s version=%s using=base", project, live)
-        return base
+    if live:
+        try:
+            version = registry.get(project, live)
+        except VersionNotFound:
+            # A pointer to a version this MODEL_DIR does not hold (deleted, or another volume).
+            log.warning("live_version_missing project=%s version=%s using=base", project, live)
+        else:
+            return load_version_bundle(
+                version, lambda: _load_classifier(settings.classifier_model, settings), settings
+            )
+    return load_base_bundle(settings)
 
 
 def check_bundle(bundle: ModelBundle) -> None:
@@ -206,7 +215,9 @@ class Service:
         if current.bundle.version == version.model_version or self._refused.get(project) == wanted:
             return
         try:
-            bundle = load_version_bundle(version, self.base.bundle, self.settings)
+            bundle = load_version_bundle(
+                version, lambda: self.base.bundle.classifier, self.settings
+            )
             check_bundle(bundle)
         except Exception as exc:
             self._refused[project] = wanted

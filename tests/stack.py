@@ -151,3 +151,19 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: flo
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_for_health(
+    url: str, process: subprocess.Popen[bytes], log: Callable[[], str], timeout: float = 120
+) -> None:
+    """Wait until ``url``/health answers 200; fail at once, with the log, if ``process`` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None, f"exited {process.returncode}:\n{log()[-3000:]}"
+        assert time.monotonic() < deadline, f"no /health answer from {url} after {timeout:.0f} s"
+        time.sleep(0.5)

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from stack import wait_for_health
 from tiny_models import draw_scene
 
 from backend.registry import Registry
@@ -89,16 +90,9 @@ def test_up_runs_server_worker_and_embedded_redis_and_stops_them_all(
     up = subprocess.Popen([sys.executable, "-m", "backend.cli", "up"], env=env, cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert up.poll() is None, up.stderr.read().decode()[-3000:] if up.stderr else ""
-            assert time.monotonic() < deadline, "ls-sahi up did not answer /health"
-            time.sleep(0.5)
+        wait_for_health(
+            f"http://127.0.0.1:{port}", up, lambda: up.stderr.read().decode() if up.stderr else ""
+        )
         children = psutil.Process(up.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in children)
         assert "redis-server" in names and "backend.cli worker" in names

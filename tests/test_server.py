@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import LEGACY_TOKEN, LiveServer, make_settings, start_uvicorn, stop_uvicorn
+from labelled_project import CONFIG_WITH_SCENES
 from PIL import Image
 from tiny_models import draw_scene
 
@@ -18,18 +19,7 @@ from backend.predict import ModelBundle
 from backend.server import create_app
 from backend.service import Service
 
-CONFIG = """
-<View>
-  <Image name="image" value="$image"/>
-  <RectangleLabels name="label" toName="image">
-    <Label value="Vehicle" predicted_values="car"/>
-    <Label value="Person"/>
-  </RectangleLabels>
-  <Choices name="scene" toName="image">
-    <Choice value="Street"/><Choice value="Beach"/>
-  </Choices>
-</View>
-"""
+CONFIG = CONFIG_WITH_SCENES  # boxes (car -> Vehicle) and a scene Choices tag
 
 
 @pytest.fixture

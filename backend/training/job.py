@@ -41,6 +41,7 @@ from backend.training.dataset import (
 from backend.training.evaluate import classification_accuracy, detection_metrics
 from backend.training.finetune import (
     DetectionSample,
+    Progress,
     relabel_head,
     train_classifier,
     train_detector,
@@ -60,6 +61,16 @@ class JobContext:
     registry: Registry
     job: Any = None  # the rq job, when running under rq
     _last_progress: float = 0.0
+
+    def step_reporter(self, stage: str) -> Progress:
+        """A training-loop callback that writes step, loss and ETA under ``stage``."""
+
+        def report(step: int, steps: int, loss: float, eta: float) -> None:
+            self.progress(
+                stage, step=step, steps=steps, loss=round(loss, 4), eta_seconds=round(eta, 1)
+            )
+
+        return report
 
     def progress(self, stage: str, force: bool = False, **values: Any) -> None:
         if self.job is None:
@@ -248,15 +259,7 @@ def _finetune_detector(
         for w in windows
     ]
 
-    def progress(step: int, steps: int, loss: float, eta: float) -> None:
-        ctx.progress(
-            "training detector",
-            step=step,
-            steps=steps,
-            loss=round(loss, 4),
-            eta_seconds=round(eta, 1),
-        )
-
+    progress = ctx.step_reporter("training detector")
     curve = train_detector(model, live.processor, samples, settings, live.device, progress)
     candidate = Detector(model, live.processor, live.device, live.dtype, version="candidate")
     return candidate, curve, len(samples)
@@ -317,15 +320,7 @@ def _finetune_classifier(
         if t.choices and t.choices[0] in labels
     ]
 
-    def progress(step: int, steps: int, loss: float, eta: float) -> None:
-        ctx.progress(
-            "training classifier",
-            step=step,
-            steps=steps,
-            loss=round(loss, 4),
-            eta_seconds=round(eta, 1),
-        )
-
+    progress = ctx.step_reporter("training classifier")
     curve = train_classifier(
         model, live.processor, [i for i, _ in chosen], [c for _, c in chosen], ctx.settings, live.device,
         steps=max(1, ctx.settings.train_steps // 2), progress=progress,

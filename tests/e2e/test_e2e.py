@@ -27,6 +27,7 @@ import httpx
 import psutil
 import pytest
 from labelled_project import LABEL_OF, SCENE_OF, png
+from stack import wait_for_health
 from tiny_models import SCENE_COLOURS, draw_scene, random_detr
 
 from e2e.screenshot import chromium, screenshot_task
@@ -109,15 +110,7 @@ def backend(studio: StudioServer, run_dir: Path, classifier_dir: Path) -> Iterat
         stderr=subprocess.STDOUT,
     )
     running = Backend(f"http://127.0.0.1:{port}", process, log)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{running.url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.5)
+    wait_for_health(running.url, process, log.read_text)
     yield running
     children = running.stop()
     time.sleep(1)
