@@ -19,7 +19,8 @@ WORKDIR /app
 # Dependencies first, in their own layer (against empty packages): a code change then
 # rebuilds in seconds instead of downloading torch again.
 COPY pyproject.toml README.md ./
-RUN mkdir backend plugin && touch backend/__init__.py plugin/__init__.py \
+RUN mkdir -p backend/training plugin \
+    && touch backend/__init__.py backend/training/__init__.py plugin/__init__.py \
     && pip install --no-cache-dir . \
     && pip uninstall -y label-studio-sahi \
     && rm -rf backend plugin build *.egg-info

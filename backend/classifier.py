@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForImageClassification
 
-from backend.hub import PretrainedModel
+from label_studio_sahi.hub import PretrainedModel
 
 
 class Classifier(PretrainedModel):

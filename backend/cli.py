@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from backend.errors import BackendError
-from backend.settings import Settings
+from label_studio_sahi.errors import BackendError
+from label_studio_sahi.settings import Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -38,7 +38,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _redis(settings: Settings) -> tuple[str, Any, Any]:
     """``(url, client, embedded server or None)`` for REDIS_URL or the embedded Redis."""
-    from backend.redis_server import connect, ensure_redis
+    from label_studio_sahi.redis_server import connect, ensure_redis
 
     url, server = ensure_redis(settings.redis_url, settings.model_dir)
     return url, connect(url), server
@@ -47,9 +47,9 @@ def _redis(settings: Settings) -> tuple[str, Any, Any]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from backend import logs
-    from backend.server import create_app
-    from backend.service import Service
+    from label_studio_sahi import logs
+    from label_studio_sahi.server import create_app
+    from label_studio_sahi.service import Service
 
     settings = _settings(args)
     logs.configure(settings.log_level)
@@ -59,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # this process's Redis, embedded or not.
         os.environ["REDIS_URL"] = url
         uvicorn.run(
-            "backend.server:create_app", factory=True, host=settings.host, port=settings.port,
+            "label_studio_sahi.server:create_app", factory=True, host=settings.host, port=settings.port,
             workers=settings.workers, log_config=None,
         )  # fmt: skip
         return 0
@@ -74,7 +74,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
     from rq import Worker
 
-    from backend import logs
+    from label_studio_sahi import logs
 
     settings = _settings(args)
     logs.configure(settings.log_level)
@@ -103,12 +103,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     """Server, one worker and an embedded Redis in one command."""
     import subprocess
 
-    from backend.redis_server import ensure_redis
+    from label_studio_sahi.redis_server import ensure_redis
 
     settings = _settings(args)
     url, server = ensure_redis(settings.redis_url, settings.model_dir)
     env = {**os.environ, "REDIS_URL": url}
-    worker = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"], env=env)
+    worker = subprocess.Popen([sys.executable, "-m", "label_studio_sahi.cli", "worker"], env=env)
     os.environ["REDIS_URL"] = url
     try:
         return cmd_serve(args)
@@ -123,7 +123,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from backend.jobs import TrainingTrigger
+    from label_studio_sahi.trigger import TrainingTrigger
 
     settings = _settings(args)
     _url, client, _server = _redis(settings)
@@ -137,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_predict_project(args: argparse.Namespace) -> int:
     import time
 
-    from backend.bulk import enqueue_bulk, job_progress
+    from label_studio_sahi.bulk_predict import enqueue_bulk, job_progress
 
     settings = _settings(args)
     _url, client, _server = _redis(settings)
@@ -153,11 +153,11 @@ def cmd_predict_project(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    from backend.registry import Registry
+    from label_studio_sahi.registry import Registry
 
     settings = _settings(args)
     _url, client, _server = _redis(settings)
-    registry = Registry(settings.model_dir / "projects", client)
+    registry = Registry.for_settings(settings, client)
     live = registry.live(str(args.project))
     rows = []
     for version in registry.versions(str(args.project)):
@@ -183,11 +183,11 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from backend.registry import Registry
+    from label_studio_sahi.registry import Registry
 
     settings = _settings(args)
     _url, client, _server = _redis(settings)
-    registry = Registry(settings.model_dir / "projects", client)
+    registry = Registry.for_settings(settings, client)
     target = (
         None
         if args.version in ("base", "none")
@@ -211,10 +211,10 @@ def default_label_config(detector_classes: Sequence[str], classifier_classes: Se
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from backend.images import load_local_image
-    from backend.labeling import parse_label_config
-    from backend.predict import Predictor
-    from backend.service import load_base_bundle
+    from label_studio_sahi.images import load_local_image
+    from label_studio_sahi.labeling import parse_label_config
+    from label_studio_sahi.models import load_base_bundle
+    from label_studio_sahi.predict import Predictor
 
     settings = _settings(args)
     bundle = load_base_bundle(settings)

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForObjectDetection
 
-from backend.hub import PretrainedModel
-from backend.slicing import Detections, clip_boxes
+from label_studio_sahi.hub import PretrainedModel
+from label_studio_sahi.slicing import Detections, clip_boxes
 
 
 class Detector(PretrainedModel):

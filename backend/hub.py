@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Self
 
 import torch
 
-from backend.errors import ModelLoadError
+from label_studio_sahi.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import httpx
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from backend.errors import (
+from label_studio_sahi.errors import (
     ImageError,
     ImageForbidden,
     ImageFormatError,
@@ -43,8 +43,8 @@ from backend.errors import (
     ImageUnreachable,
     ImageURLError,
 )
-from backend.settings import Settings
-from backend.studio_auth import LabelStudioAuth, TokenRefreshError, same_origin
+from label_studio_sahi.settings import Settings
+from label_studio_sahi.studio_auth import LabelStudioAuth, TokenRefreshError, same_origin
 
 logger = logging.getLogger(__name__)
 

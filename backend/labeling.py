@@ -32,7 +32,7 @@ from xml.etree.ElementTree import Element, ParseError
 import defusedxml
 import defusedxml.ElementTree as DefusedET
 
-from backend.errors import LabelConfigError
+from label_studio_sahi.errors import LabelConfigError
 
 __all__ = [
     "ControlTag",

@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from backend import metrics
-from backend.classifier import Classifier
-from backend.detector import Detector
-from backend.errors import BackendError, ImageURLError
-from backend.labeling import ControlTag, LabelConfig, choices_result, rectangle_result
-from backend.settings import MatchMetric, MergeType, Settings
-from backend.slicing import Detections, merge_detections, slice_windows
+from label_studio_sahi import metrics
+from label_studio_sahi.classifier import Classifier
+from label_studio_sahi.detector import Detector
+from label_studio_sahi.errors import BackendError, ImageURLError
+from label_studio_sahi.labeling import ControlTag, LabelConfig, choices_result, rectangle_result
+from label_studio_sahi.settings import MatchMetric, MergeType, Settings
+from label_studio_sahi.slicing import Detections, merge_detections, slice_windows
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import redis
 
+from label_studio_sahi import names
+
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 10.0  # seconds for redis-server to accept connections
@@ -55,7 +57,7 @@ class EmbeddedRedis:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.socket = folder / "redis.sock"
+        self.socket = folder / names.REDIS_SOCKET
         self.url = f"unix://{self.socket}"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -99,6 +101,6 @@ def ensure_redis(redis_url: str | None, model_dir: Path) -> tuple[str, EmbeddedR
     """``(url, server we started or None)``: ``redis_url`` if given, else the embedded server."""
     if redis_url:
         return redis_url, None
-    server = EmbeddedRedis(model_dir / "redis")
+    server = EmbeddedRedis(model_dir / names.REDIS_DIR)
     url = server.start()
     return url, (server if server.process is not None else None)

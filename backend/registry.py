@@ -19,25 +19,24 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
-from backend.errors import BackendError
+from label_studio_sahi import names
+from label_studio_sahi.errors import BackendError
+from label_studio_sahi.names import LIVE_CHANNEL, LIVE_KEY, LIVE_PATTERN, META_FILE, model_version
+
+if TYPE_CHECKING:
+    from label_studio_sahi.settings import Settings
 
 log = logging.getLogger(__name__)
-
-LIVE_KEY = "ls-sahi:live:{project}"
-LIVE_PATTERN = "ls-sahi:live:*"
-CHANNEL = "ls-sahi:live"
-_VERSION_DIR = re.compile(r"^v(\d+)$")
 
 
 class VersionNotFound(BackendError):
@@ -58,7 +57,7 @@ class Version:
 
     @property
     def status(self) -> str:
-        return str(self.meta.get("status", "accepted"))
+        return str(self.meta.get(names.META_STATUS, "accepted"))
 
     @property
     def model_version(self) -> str:
@@ -66,17 +65,18 @@ class Version:
         return model_version(self.project, self.name)
 
 
-def model_version(project: str, name: str) -> str:
-    return f"p{project}-{name}"
-
-
 class Registry:
     def __init__(self, root: Path, redis_client: redis.Redis | None = None) -> None:
         self.root = root
         self.redis = redis_client
 
+    @classmethod
+    def for_settings(cls, settings: Settings, redis_client: redis.Redis | None = None) -> Registry:
+        """The registry of ``MODEL_DIR``'s versions."""
+        return cls(names.projects_root(settings.model_dir), redis_client)
+
     def project_dir(self, project: str) -> Path:
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", project):
+        if not names.PROJECT_ID.fullmatch(project):
             raise ValueError(f"invalid project id {project!r}")
         return self.root / project
 
@@ -86,8 +86,8 @@ class Registry:
         """Projects that have a folder of versions."""
         if not self.root.is_dir():
             return []
-        names = (p.name for p in self.root.iterdir() if p.is_dir())
-        return sorted(n for n in names if re.fullmatch(r"[A-Za-z0-9_-]+", n))
+        found = (p.name for p in self.root.iterdir() if p.is_dir())
+        return sorted(n for n in found if names.PROJECT_ID.fullmatch(n))
 
     def versions(self, project: str) -> list[Version]:
         """Complete versions, oldest first."""
@@ -96,8 +96,8 @@ class Registry:
             return []
         found = []
         for child in folder.iterdir():
-            match = _VERSION_DIR.match(child.name)
-            meta_file = child / "meta.json"
+            match = names.VERSION_DIR.match(child.name)
+            meta_file = child / META_FILE
             if match and meta_file.is_file():
                 found.append(Version(project, child.name, child, json.loads(meta_file.read_text())))
         return sorted(found, key=lambda v: v.number)
@@ -108,9 +108,11 @@ class Registry:
                 return version
         raise VersionNotFound(f"project {project} has no version {name!r}")
 
-    def find_by_job(self, project: str, job_id: str) -> Version | None:
-        """The version an earlier run of this rq job already published (jobs may run twice)."""
-        return next((v for v in self.versions(project) if v.meta.get("job_id") == job_id), None)
+    def find_by_run(self, project: str, run_id: str) -> Version | None:
+        """The version an earlier try of this run already published (rq may run a job twice)."""
+        return next(
+            (v for v in self.versions(project) if v.meta.get(names.META_RUN_ID) == run_id), None
+        )
 
     def publish(self, project: str, write: Callable[[Path], None], meta: dict[str, Any]) -> Version:
         """Write a version atomically: ``write(tmp_folder)``, then meta.json, then rename.
@@ -119,18 +121,18 @@ class Registry:
         """
         folder = self.project_dir(project)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".tmp-{uuid.uuid4().hex}"
+        tmp = folder / f"{names.TMP_PREFIX}{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
             write(tmp)
-            meta = {**meta, "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
-            with (tmp / "meta.json").open("w") as handle:
+            meta = {**meta, names.META_CREATED_AT: datetime.now(UTC).isoformat(timespec="seconds")}
+            with (tmp / META_FILE).open("w") as handle:
                 json.dump(meta, handle, indent=2, default=str)
                 handle.flush()
                 os.fsync(handle.fileno())
             while True:
                 existing = self.versions(project)
-                name = f"v{(existing[-1].number if existing else 0) + 1}"
+                name = names.version_name((existing[-1].number if existing else 0) + 1)
                 try:
                     # rename(2) is atomic and fails if the target exists and is not empty.
                     tmp.rename(folder / name)
@@ -152,7 +154,7 @@ class Registry:
         doomed = [v for v in versions[: max(0, len(versions) - keep)] if v.name != live]
         for version in doomed:
             # Rename first so that a half-deleted folder is never listed.
-            trash = version.path.with_name(f".trash-{uuid.uuid4().hex}")
+            trash = version.path.with_name(f"{names.TRASH_PREFIX}{uuid.uuid4().hex}")
             version.path.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
         return [v.name for v in doomed]
@@ -160,7 +162,7 @@ class Registry:
     def clean_temporary(self, project: str) -> None:
         """Remove leftovers of writes that died (a killed worker)."""
         folder = self.project_dir(project)
-        for child in folder.glob(".tmp-*") if folder.is_dir() else []:
+        for child in folder.glob(f"{names.TMP_PREFIX}*") if folder.is_dir() else []:
             shutil.rmtree(child, ignore_errors=True)
 
     # --- live pointers in Redis ------------------------------------------------------------
@@ -195,5 +197,5 @@ class Registry:
         else:
             name = self.get(project, name).name  # refuse a version that does not exist
             client.set(LIVE_KEY.format(project=project), name)
-        client.publish(CHANNEL, json.dumps({"project": project, "version": name}))
+        client.publish(LIVE_CHANNEL, json.dumps({"project": project, "version": name}))
         log.info("live_version_set project=%s version=%s", project, name)

@@ -23,13 +23,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from backend import __version__, metrics
-from backend.bulk import enqueue_bulk, job_progress
-from backend.errors import BackendError, BadRequest, RequestTooLarge, Unauthorized
-from backend.labeling import parse_label_config
-from backend.redis_server import connect, ensure_redis
-from backend.service import Service
-from backend.settings import Settings, get_settings
+from label_studio_sahi import __version__, metrics
+from label_studio_sahi.bulk_predict import enqueue_bulk, job_progress
+from label_studio_sahi.errors import BackendError, BadRequest, RequestTooLarge, Unauthorized
+from label_studio_sahi.labeling import parse_label_config
+from label_studio_sahi.redis_server import connect, ensure_redis
+from label_studio_sahi.service import Service
+from label_studio_sahi.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

@@ -11,93 +11,22 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import redis
-import torch
 
-from backend import metrics
-from backend.classifier import Classifier
-from backend.detector import Detector
-from backend.images import ImageLoader
-from backend.jobs import TrainingTrigger
-from backend.labeling import LabelConfig
-from backend.predict import ImageLoaderFn, ModelBundle, Predictor
-from backend.registry import Registry, Version, VersionNotFound
-from backend.settings import Settings
-from backend.swap import LiveWatcher
+from label_studio_sahi import metrics
+from label_studio_sahi.images import ImageLoader
+from label_studio_sahi.labeling import LabelConfig
+from label_studio_sahi.models import check_bundle, load_base_bundle, load_version_bundle
+from label_studio_sahi.predict import ImageLoaderFn, ModelBundle, Predictor
+from label_studio_sahi.registry import Registry, VersionNotFound
+from label_studio_sahi.settings import Settings
+from label_studio_sahi.swap import LiveWatcher
+from label_studio_sahi.trigger import TrainingTrigger
 
 log = logging.getLogger(__name__)
-
-
-def load_base_bundle(settings: Settings) -> ModelBundle:
-    """The configured detector and classifier (either may be disabled with an empty setting)."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    detector = (
-        Detector.load(settings.detector_model, settings.device, settings.half_precision)
-        if settings.detector_model
-        else None
-    )
-    classifier = (
-        Classifier.load(settings.classifier_model, settings.device, settings.half_precision)
-        if settings.classifier_model
-        else None
-    )
-    bundle = ModelBundle(detector, classifier)
-    log.info(
-        "models_loaded version=%s device=%s", bundle.version, detector.device if detector else "-"
-    )
-    return bundle
-
-
-def _load_classifier(source: str, settings: Settings) -> Classifier | None:
-    return Classifier.load(source, settings.device, settings.half_precision) if source else None
-
-
-def load_version_bundle(
-    version: Version, base_classifier: Callable[[], Classifier | None], settings: Settings
-) -> ModelBundle:
-    """A fine-tuned version's models: its classifier, or (only then loaded) the base one."""
-    detector = Detector.load(
-        str(version.path / "detector"), settings.device, settings.half_precision
-    )
-    own = version.path / "classifier"
-    classifier = _load_classifier(str(own), settings) if own.is_dir() else base_classifier()
-    return ModelBundle(detector, classifier, version=version.model_version)
-
-
-def project_bundle(settings: Settings, registry: Registry, project: str) -> ModelBundle:
-    """The models a project is served with now: its live version, or the base models.
-
-    A live version's bundle never loads the base detector it replaces.
-    """
-    live = registry.live(project)
-    if live:
-        try:
-            version = registry.get(project, live)
-        except VersionNotFound:
-            # A pointer to a version this MODEL_DIR does not hold (deleted, or another volume).
-            log.warning("live_version_missing project=%s version=%s using=base", project, live)
-        else:
-            return load_version_bundle(
-                version, lambda: _load_classifier(settings.classifier_model, settings), settings
-            )
-    return load_base_bundle(settings)
-
-
-def check_bundle(bundle: ModelBundle) -> None:
-    """Run each model once on a blank image: catches broken checkpoints and warms them up."""
-    blank = np.full((64, 64, 3), 127, dtype=np.uint8)
-    if bundle.detector is not None:
-        if not bundle.detector.id2label:
-            raise ValueError("detector has no classes")
-        bundle.detector.detect([blank], threshold=0.5)
-    if bundle.classifier is not None:
-        bundle.classifier.classify([blank], top_k=1)
 
 
 class Service:
@@ -114,7 +43,7 @@ class Service:
         self._pool = ThreadPoolExecutor(settings.image_fetch_concurrency, thread_name_prefix="task")
         self.base = Predictor(bundle, settings, self._load_image, self._pool)
         self.redis = redis_client
-        self.registry = Registry(settings.model_dir / "projects", redis_client)
+        self.registry = Registry.for_settings(settings, redis_client)
         self.trigger = TrainingTrigger(redis_client, settings) if redis_client is not None else None
         self._configs: dict[str | None, LabelConfig] = {}
         self._predictors: dict[str, Predictor] = {}  # project -> fine-tuned predictor

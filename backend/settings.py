@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from label_studio_sahi import names
+
 MergeType = Literal["NMS", "NMM", "GREEDYNMM"]
 MatchMetric = Literal["IOU", "IOS"]
 
@@ -118,8 +120,8 @@ class Settings(BaseSettings):
         None,
         description="Redis for jobs and live pointers; unset: an embedded Redis under MODEL_DIR.",
     )
-    train_queue: str = Field("ls-sahi-train", description="rq queue of fine-tuning jobs.")
-    predict_queue: str = Field("ls-sahi-predict", description="rq queue of bulk prediction jobs.")
+    train_queue: str = Field(names.TRAIN_QUEUE, description="rq queue of fine-tuning jobs.")
+    predict_queue: str = Field(names.PREDICT_QUEUE, description="rq queue of bulk prediction jobs.")
     job_timeout: int = Field(
         6 * 3600, ge=60, description="Seconds a job may run before rq stops it."
     )
@@ -189,6 +191,30 @@ class Settings(BaseSettings):
     def redacted(self) -> dict[str, object]:
         """Settings as a dict safe to log: secrets appear as '**********'."""
         return {k: ("**********" if isinstance(v, SecretStr) else v) for k, v in self}
+
+
+# The settings that shape a fine-tuned version (what it learns from, how, and how it is
+# judged); each version's meta.json records their values.
+VERSION_SETTINGS = (
+    "slice_height",
+    "slice_width",
+    "overlap_height_ratio",
+    "overlap_width_ratio",
+    "full_image_pass",
+    "merge_type",
+    "merge_metric",
+    "merge_threshold",
+    "merge_class_agnostic",
+    "train_steps",
+    "train_batch_size",
+    "learning_rate",
+    "backbone_learning_rate",
+    "weight_decay",
+    "grad_clip",
+    "holdout_fraction",
+    "min_area_ratio",
+    "negative_window_ratio",
+)
 
 
 @lru_cache(maxsize=1)

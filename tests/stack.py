@@ -19,10 +19,11 @@ import psutil
 from conftest import LiveServer, make_settings, start_uvicorn, stop_uvicorn
 from fake_studio import FakeStudio
 
-from backend.redis_server import connect
-from backend.server import create_app
-from backend.service import Service, load_base_bundle
-from backend.settings import Settings
+from label_studio_sahi.models import load_base_bundle
+from label_studio_sahi.redis_server import connect
+from label_studio_sahi.server import create_app
+from label_studio_sahi.service import Service
+from label_studio_sahi.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,7 +99,7 @@ class Worker:
 def start_worker(settings: Settings, folder: Path, name: str) -> Worker:
     log = folder / f"{name}.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "backend.cli", "worker", "--name", name],
+        [sys.executable, "-m", "label_studio_sahi.cli", "worker", "--name", name],
         env=settings_env(settings),
         cwd=ROOT,
         stdout=log.open("wb"),

@@ -19,7 +19,7 @@ import pytest
 from stack import wait_for_health
 from tiny_models import draw_scene
 
-from backend.registry import Registry
+from label_studio_sahi.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def _env(**values: str) -> dict[str, str]:
 
 def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "backend.cli", *args],
+        [sys.executable, "-m", "label_studio_sahi.cli", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -87,7 +87,7 @@ def test_up_runs_server_worker_and_embedded_redis_and_stops_them_all(
     port = _free_port()
     env = _env(DETECTOR_MODEL=str(detector_dir), CLASSIFIER_MODEL="", DEVICE="cpu", MODEL_DIR=str(tmp_path / "models"),
                HOST="127.0.0.1", PORT=str(port))  # fmt: skip
-    up = subprocess.Popen([sys.executable, "-m", "backend.cli", "up"], env=env, cwd=ROOT,
+    up = subprocess.Popen([sys.executable, "-m", "label_studio_sahi.cli", "up"], env=env, cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     try:
         wait_for_health(
@@ -95,7 +95,7 @@ def test_up_runs_server_worker_and_embedded_redis_and_stops_them_all(
         )
         children = psutil.Process(up.pid).children(recursive=True)
         names = " ".join(" ".join(p.cmdline()) for p in children)
-        assert "redis-server" in names and "backend.cli worker" in names
+        assert "redis-server" in names and "label_studio_sahi.cli worker" in names
         assert (tmp_path / "models" / "redis" / "redis.sock").exists()
         answer = httpx.post(
             f"http://127.0.0.1:{port}/webhook",

@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml  # PyYAML: a dependency of transformers and huggingface-hub
 
-from backend.cli import build_parser
-from backend.settings import Settings
+from label_studio_sahi.cli import build_parser
+from label_studio_sahi.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

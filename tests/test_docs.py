@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backend.settings import Settings
+from label_studio_sahi.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,11 +22,11 @@ from labelled_project import CONFIG
 from safetensors.torch import load_file, save_file
 from tiny_models import draw_scene
 
-from backend.predict import ModelBundle
-from backend.redis_server import connect
-from backend.registry import Registry
-from backend.server import create_app
-from backend.service import Service
+from label_studio_sahi.predict import ModelBundle
+from label_studio_sahi.redis_server import connect
+from label_studio_sahi.registry import Registry
+from label_studio_sahi.server import create_app
+from label_studio_sahi.service import Service
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +63,7 @@ def served(
     )
     image_path = tmp_path / "scene.png"
     draw_scene(384, 256, 6, random.Random(3)).image.save(image_path)
-    from backend.images import load_local_image
+    from label_studio_sahi.images import load_local_image
 
     service = Service(
         settings,
@@ -72,7 +72,7 @@ def served(
         redis_client=connect(redis_url),
     )
     live = start_uvicorn(create_app(settings, service))
-    registry = Registry(settings.model_dir / "projects", redis_client)
+    registry = Registry.for_settings(settings, redis_client)
     yield live, service, registry
     stop_uvicorn(live)
 

@@ -31,7 +31,7 @@ import pytest
 from PIL import Image, ImageFile
 from pydantic import SecretStr
 
-from backend.errors import (
+from label_studio_sahi.errors import (
     ImageError,
     ImageForbidden,
     ImageFormatError,
@@ -39,9 +39,9 @@ from backend.errors import (
     ImageUnreachable,
     ImageURLError,
 )
-from backend.images import ImageLoader, decode_image, load_local_image
-from backend.settings import Settings
-from backend.studio_auth import (
+from label_studio_sahi.images import ImageLoader, decode_image, load_local_image
+from label_studio_sahi.settings import Settings
+from label_studio_sahi.studio_auth import (
     LabelStudioAuth,
     is_personal_access_token,
     jwt_claims,

@@ -21,8 +21,8 @@ from rq.registry import FinishedJobRegistry, StartedJobRegistry
 from stack import Stack, job_done, stack_settings, start_stack, wait_for
 from tiny_models import random_detr
 
-from backend.jobs import train_job_id
-from backend.registry import Registry
+from label_studio_sahi.names import train_job_id
+from label_studio_sahi.registry import Registry
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +80,7 @@ def test_webhooks_train_publish_and_every_server_serves_the_new_version(
     assert job.meta["stage"] == "done" and job.meta["steps"] == 300
     assert FinishedJobRegistry(queue=queue).get_job_ids() == [train_job_id(pid)]
 
-    registry = Registry(stack.settings.model_dir / "projects", redis_client)
+    registry = Registry.for_settings(stack.settings, redis_client)
     assert [v.name for v in registry.versions(pid)] == ["v1"] and registry.live(pid) == "v1"
 
     new = f"p{pid}-v1"

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from backend.errors import LabelConfigError
-from backend.labeling import (
+from label_studio_sahi.errors import LabelConfigError
+from label_studio_sahi.labeling import (
     ControlTag,
     LabelConfig,
     annotation_boxes,

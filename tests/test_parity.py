@@ -27,9 +27,9 @@ from sahi.predict import get_sliced_prediction
 from test_slicing import assert_same_detections
 from tiny_models import draw_scene
 
-from backend.detector import Detector
-from backend.predict import SliceConfig, sliced_detect
-from backend.slicing import Detections
+from label_studio_sahi.detector import Detector
+from label_studio_sahi.predict import SliceConfig, sliced_detect
+from label_studio_sahi.slicing import Detections
 
 
 @pytest.fixture(scope="module")

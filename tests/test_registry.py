@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from backend.registry import CHANNEL, Registry, VersionNotFound
+from label_studio_sahi.names import LIVE_CHANNEL
+from label_studio_sahi.registry import Registry, VersionNotFound
 
 
 def _write(content: str) -> Any:
@@ -57,7 +58,7 @@ def test_live_pointer_is_announced_and_rollback_works(tmp_path: Path, redis_clie
     registry.publish("3", _write("a"), {})
     registry.publish("3", _write("b"), {})
     pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(CHANNEL)
+    pubsub.subscribe(LIVE_CHANNEL)
     registry.set_live("3", "v2")
     assert registry.live("3") == "v2" and registry.live_projects() == {"3": "v2"}
     registry.set_live("3", "p3-v1")  # Label Studio's name works too

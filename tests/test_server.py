@@ -15,9 +15,9 @@ from labelled_project import CONFIG_WITH_SCENES
 from PIL import Image
 from tiny_models import draw_scene
 
-from backend.predict import ModelBundle
-from backend.server import create_app
-from backend.service import Service
+from label_studio_sahi.predict import ModelBundle
+from label_studio_sahi.server import create_app
+from label_studio_sahi.service import Service
 
 CONFIG = CONFIG_WITH_SCENES  # boxes (car -> Vehicle) and a scene Choices tag
 

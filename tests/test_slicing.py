@@ -8,7 +8,7 @@ from sahi.postprocess.combine import GreedyNMMPostprocess, NMMPostprocess, NMSPo
 from sahi.prediction import ObjectPrediction
 from sahi.slicing import get_slice_bboxes
 
-from backend.slicing import (
+from label_studio_sahi.slicing import (
     Detections,
     auto_slice_size,
     clip_boxes,

@@ -9,9 +9,9 @@ import httpx
 import pytest
 from fake_studio import FakeStudio
 
-from backend.errors import BackendError, BadRequest
-from backend.settings import Settings
-from backend.studio import (
+from label_studio_sahi.errors import BackendError, BadRequest
+from label_studio_sahi.settings import Settings
+from label_studio_sahi.studio import (
     CONNECT_TIMEOUT_S,
     READ_TIMEOUT_S,
     StudioAuthError,

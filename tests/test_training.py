@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from stack import stack_settings
 from tiny_models import random_detr
 
-from backend.registry import Registry
-from backend.training.job import JobContext, run_training
+from label_studio_sahi.registry import Registry
+from label_studio_sahi.training.job import JobContext, run_training
 
 
 def _settings(fake: FakeStudio, detector: Path, model_dir: Path, **overrides: Any) -> Any:
@@ -33,7 +33,7 @@ def test_fine_tuning_raises_held_out_map_and_publishes_the_version(
     project = labelled_project(fake, n_tasks=8)
     untrained = random_detr(tmp_path / "untrained", seed=1)
     settings = _settings(fake, untrained, tmp_path / "models")
-    registry = Registry(settings.model_dir / "projects", redis_client)
+    registry = Registry.for_settings(settings, redis_client)
 
     summary = run_training(JobContext(settings, registry), str(project.id), "test", "run-1")
 
@@ -65,7 +65,7 @@ def test_a_second_run_of_the_same_job_returns_what_the_first_published(
     settings = _settings(
         fake, random_detr(tmp_path / "untrained"), tmp_path / "models", train_steps=5
     )
-    registry = Registry(settings.model_dir / "projects", redis_client)
+    registry = Registry.for_settings(settings, redis_client)
     first = run_training(JobContext(settings, registry), str(project.id), "test", "run-7")
     exports = fake.export_calls
     again = run_training(JobContext(settings, registry), str(project.id), "test", "run-7")
@@ -87,7 +87,7 @@ def test_a_candidate_that_is_not_better_is_kept_as_rejected(
         learning_rate=1e-9,
         backbone_learning_rate=1e-9,
     )
-    registry = Registry(settings.model_dir / "projects", redis_client)
+    registry = Registry.for_settings(settings, redis_client)
     summary = run_training(JobContext(settings, registry), str(project.id), "test", "run-1")
     metrics = summary["metrics"]
     assert metrics["candidate"]["map"] == pytest.approx(metrics["live"]["map"], abs=1e-6)
@@ -101,7 +101,7 @@ def test_too_few_labels_skip_training(fake: FakeStudio, tmp_path: Path, redis_cl
     project = labelled_project(fake, n_tasks=1)
     settings = _settings(fake, random_detr(tmp_path / "untrained"), tmp_path / "models")
     summary = run_training(
-        JobContext(settings, Registry(settings.model_dir / "projects", redis_client)),
+        JobContext(settings, Registry.for_settings(settings, redis_client)),
         str(project.id),
         "t",
         "r",
@@ -117,7 +117,7 @@ def test_choices_fine_tune_the_classifier_too(
         fake, random_detr(tmp_path / "untrained", seed=1), tmp_path / "models",
         classifier_model=str(classifier_dir), train_steps=60,
     )  # fmt: skip
-    registry = Registry(settings.model_dir / "projects", redis_client)
+    registry = Registry.for_settings(settings, redis_client)
     summary = run_training(JobContext(settings, registry), str(project.id), "test", "run-1")
     metrics = summary["metrics"]
     assert 0 <= metrics["candidate_accuracy"] <= 1 and 0 <= metrics["live_accuracy"] <= 1

@@ -12,9 +12,9 @@ from PIL import Image
 from sahi.slicing import process_coco_annotations
 from sahi.utils.coco import CocoAnnotation
 
-from backend.labeling import parse_label_config
-from backend.slicing import Detections
-from backend.training.dataset import (
+from label_studio_sahi.labeling import parse_label_config
+from label_studio_sahi.slicing import Detections
+from label_studio_sahi.training.dataset import (
     LabelledTask,
     crop,
     holdout_hash,
@@ -22,7 +22,7 @@ from backend.training.dataset import (
     split_holdout,
     training_windows,
 )
-from backend.training.evaluate import classification_accuracy, detection_metrics
+from label_studio_sahi.training.evaluate import classification_accuracy, detection_metrics
 
 CONFIG = parse_label_config(
     """

@@ -19,8 +19,8 @@ from rq.job import Job, JobStatus
 from stack import stack_settings, start_worker, wait_for
 from tiny_models import random_detr
 
-from backend.jobs import TrainingTrigger
-from backend.registry import Registry
+from label_studio_sahi.registry import Registry
+from label_studio_sahi.trigger import TrainingTrigger
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def test_killed_worker_job_is_retried_by_another_worker_and_completes(
     settings = stack_settings(
         fake, redis_url, random_detr(tmp_path / "untrained"), tmp_path / "models", train_steps=400
     )
-    registry = Registry(settings.model_dir / "projects", redis_client)
+    registry = Registry.for_settings(settings, redis_client)
     first = start_worker(settings, tmp_path, "doomed")
     job = TrainingTrigger(redis_client, settings).enqueue(pid, "test", delay=0)
 

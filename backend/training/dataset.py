@@ -25,8 +25,8 @@ from typing import Any, Protocol, TypeVar
 
 from PIL import Image
 
-from backend.labeling import LabelConfig, annotation_boxes, annotation_choices
-from backend.slicing import slice_windows
+from label_studio_sahi.labeling import LabelConfig, annotation_boxes, annotation_choices
+from label_studio_sahi.slicing import slice_windows
 
 __all__ = [
     "LabelledTask",

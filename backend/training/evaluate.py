@@ -16,7 +16,7 @@ from typing import Any
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from backend.slicing import Detections
+from label_studio_sahi.slicing import Detections
 
 __all__ = ["classification_accuracy", "detection_metrics"]
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from backend.settings import Settings
+from label_studio_sahi.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +19,28 @@ import numpy as np
 from PIL import Image
 from rq import get_current_job
 
-from backend.classifier import Classifier
-from backend.detector import Detector
-from backend.images import ImageLoader
-from backend.labeling import ControlTag, parse_label_config
-from backend.predict import SliceConfig, sliced_detect
-from backend.redis_server import connect, ensure_redis
-from backend.registry import Registry, model_version
-from backend.service import project_bundle
-from backend.settings import Settings, get_settings
-from backend.slicing import Detections
-from backend.studio import StudioClient
-from backend.training.dataset import (
+from label_studio_sahi import names
+from label_studio_sahi.classifier import Classifier
+from label_studio_sahi.detector import Detector
+from label_studio_sahi.images import ImageLoader
+from label_studio_sahi.labeling import ControlTag, LabelConfig, parse_label_config
+from label_studio_sahi.models import project_bundle
+from label_studio_sahi.names import model_version
+from label_studio_sahi.predict import ModelBundle, SliceConfig, sliced_detect
+from label_studio_sahi.queueing import ProgressWriter, job_redis
+from label_studio_sahi.registry import Registry, Version
+from label_studio_sahi.settings import VERSION_SETTINGS, Settings, get_settings
+from label_studio_sahi.slicing import Detections
+from label_studio_sahi.studio import StudioClient
+from label_studio_sahi.training.dataset import (
     LabelledTask,
     crop,
     labelled_tasks,
     split_holdout,
     training_windows,
 )
-from backend.training.evaluate import classification_accuracy, detection_metrics
-from backend.training.finetune import (
+from label_studio_sahi.training.evaluate import classification_accuracy, detection_metrics
+from label_studio_sahi.training.finetune import (
     DetectionSample,
     Progress,
     relabel_head,
@@ -50,7 +51,6 @@ from backend.training.finetune import (
 log = logging.getLogger(__name__)
 
 EVAL_SCORE_THRESHOLD = 0.05  # mAP needs the low-score tail of the precision-recall curve
-PROGRESS_EVERY = 2.0  # seconds between progress writes to Redis
 
 
 @dataclass
@@ -59,163 +59,193 @@ class JobContext:
 
     settings: Settings
     registry: Registry
-    job: Any = None  # the rq job, when running under rq
-    _last_progress: float = 0.0
+    progress: ProgressWriter = field(default_factory=ProgressWriter)
 
     def step_reporter(self, stage: str) -> Progress:
         """A training-loop callback that writes step, loss and ETA under ``stage``."""
 
         def report(step: int, steps: int, loss: float, eta: float) -> None:
             self.progress(
-                stage, step=step, steps=steps, loss=round(loss, 4), eta_seconds=round(eta, 1)
+                stage=stage, step=step, steps=steps, loss=round(loss, 4), eta_seconds=round(eta, 1)
             )
 
         return report
 
-    def progress(self, stage: str, force: bool = False, **values: Any) -> None:
-        if self.job is None:
-            return
-        now = time.monotonic()
-        if not force and now - self._last_progress < PROGRESS_EVERY:
-            return
-        self._last_progress = now
-        self.job.meta.update({"stage": stage, **values})
-        self.job.save_meta()
+    def stage(self, stage: str) -> None:
+        self.progress(force=True, stage=stage)
+
+
+@dataclass
+class TrainingData:
+    """A project's labels as the job uses them: config, train / held-out tasks, images."""
+
+    config: LabelConfig
+    train: list[LabelledTask]
+    held: list[LabelledTask]
+    images: dict[int, Image.Image]
+    stats: dict[str, Any]
+
+
+@dataclass
+class Candidates:
+    """What fine-tuning produced, with its scores and the live models' on the same tasks."""
+
+    detector: Detector | None = None
+    classifier: Classifier | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, list[float]] = field(default_factory=dict)
 
 
 def train_project(project: str, reason: str = "", run_id: str = "") -> dict[str, Any]:
-    """rq entry point (``backend.training.job.train_project``)."""
+    """rq entry point (``names.TRAIN_JOB``)."""
     settings = get_settings()
     job = get_current_job()
-    if job is not None:
-        client = job.connection
-    else:
-        url, _ = ensure_redis(settings.redis_url, settings.model_dir)
-        client = connect(url)
-    context = JobContext(settings, Registry(settings.model_dir / "projects", client), job)
+    context = JobContext(
+        settings, Registry.for_settings(settings, job_redis(settings)), ProgressWriter(job)
+    )
     return run_training(context, str(project), reason, run_id or (job.id if job else "manual"))
 
 
 def run_training(ctx: JobContext, project: str, reason: str, run_id: str) -> dict[str, Any]:
-    settings, registry = ctx.settings, ctx.registry
+    """Gather labels, fine-tune, evaluate against live, publish (live only when better)."""
+    registry = ctx.registry
     registry.clean_temporary(project)
-    done = next((v for v in registry.versions(project) if v.meta.get("run_id") == run_id), None)
+    done = registry.find_by_run(project, run_id)
     if done is not None:
         log.info("train_already_done project=%s run=%s version=%s", project, run_id, done.name)
         return _summary(done.meta, done.name, project)
 
-    ctx.progress("fetching labels", force=True)
-    with StudioClient(settings) as studio:
-        config = parse_label_config(studio.project(project)["label_config"])
-        export = studio.export(project)
-    tasks = labelled_tasks(export, config)
-    train, held = split_holdout(tasks, settings.holdout_fraction)
-    stats = {"labelled_tasks": len(tasks), "train_tasks": len(train), "heldout_tasks": len(held)}
-    if not held or not train:
-        ctx.progress("skipped", force=True)
+    data = gather(ctx, project)
+    if not data.held or not data.train:
+        ctx.stage("skipped")
         return {
             "status": "skipped",
             "project": project,
             "detail": "need at least 2 labelled tasks (one is held out)",
-            **stats,
+            **data.stats,
         }
-
-    ctx.progress("loading images", force=True)
-    with ImageLoader(settings) as loader:
-        images = {t.task_id: loader.load(t.image_url, t.task_id) for t in [*train, *held]}
-
     live_name = registry.live(project)
-    parent = project_bundle(settings, registry, project)
-    slicing = SliceConfig.from_settings(settings)
-    curves: dict[str, list[float]] = {}
-    metrics: dict[str, Any] = {}
-    candidate_detector: Detector | None = None
-    candidate_classifier: Classifier | None = None
-
-    rect = config.rectangles[0] if config.rectangles else None
-    if rect is not None and parent.detector is not None and any(t.boxes for t in train):
-        candidate_detector, curves["detector"], stats["windows"] = _finetune_detector(
-            ctx, parent.detector, rect, train, images
-        )
-        ctx.progress("evaluating", force=True)
-        metrics["candidate"] = _evaluate_detector(
-            candidate_detector, rect, held, images, slicing, own_labels=True
-        )
-        metrics["live"] = _evaluate_detector(
-            parent.detector, rect, held, images, slicing, own_labels=False
-        )
-
-    choice = config.choices[0] if config.choices else None
-    if choice is not None and parent.classifier is not None and any(t.choices for t in train):
-        candidate_classifier, curves["classifier"] = _finetune_classifier(
-            ctx, parent.classifier, choice, train, images
-        )
-        metrics["candidate_accuracy"] = _accuracy(
-            candidate_classifier, choice, held, images, own_labels=True
-        )
-        metrics["live_accuracy"] = _accuracy(
-            parent.classifier, choice, held, images, own_labels=False
-        )
-
-    if candidate_detector is None and candidate_classifier is None:
+    parent = project_bundle(ctx.settings, registry, project)
+    candidates = train_and_evaluate(ctx, data, parent)
+    if candidates.detector is None and candidates.classifier is None:
         return {
             "status": "skipped",
             "project": project,
             "detail": "no boxes or choices to train on",
-            **stats,
+            **data.stats,
         }
+    parent_version = model_version(project, live_name) if live_name else parent.version
+    version = publish(ctx, project, run_id, reason, data, parent, parent_version, candidates)
+    ctx.progress(force=True, stage="done", version=version.name)
+    return _summary(version.meta, version.name, project)
 
-    better_boxes = (
-        candidate_detector is not None and metrics["candidate"]["map"] > metrics["live"]["map"]
-    )
+
+def gather(ctx: JobContext, project: str) -> TrainingData:
+    """The project's labels from Label Studio (the source of truth), split, with images."""
+    ctx.stage("fetching labels")
+    with StudioClient(ctx.settings) as studio:
+        config = parse_label_config(studio.project(project)["label_config"])
+        export = studio.export(project)
+    tasks = labelled_tasks(export, config)
+    train, held = split_holdout(tasks, ctx.settings.holdout_fraction)
+    stats: dict[str, Any] = {
+        "labelled_tasks": len(tasks),
+        "train_tasks": len(train),
+        "heldout_tasks": len(held),
+    }
+    images: dict[int, Image.Image] = {}
+    if train and held:
+        ctx.stage("loading images")
+        with ImageLoader(ctx.settings) as loader:
+            images = {t.task_id: loader.load(t.image_url, t.task_id) for t in [*train, *held]}
+    return TrainingData(config, train, held, images, stats)
+
+
+def train_and_evaluate(ctx: JobContext, data: TrainingData, parent: ModelBundle) -> Candidates:
+    """Fine-tune the detector on boxes and the classifier on choices; score both, and the
+    live models, on the held-out tasks."""
+    out = Candidates()
+    slicing = SliceConfig.from_settings(ctx.settings)
+    rect = data.config.rectangles[0] if data.config.rectangles else None
+    if rect is not None and parent.detector is not None and any(t.boxes for t in data.train):
+        out.detector, out.curves["detector"], data.stats["windows"] = _finetune_detector(
+            ctx, parent.detector, rect, data.train, data.images
+        )
+        ctx.stage("evaluating")
+        out.metrics["candidate"] = _evaluate_detector(
+            out.detector, rect, data.held, data.images, slicing, own_labels=True
+        )
+        out.metrics["live"] = _evaluate_detector(
+            parent.detector, rect, data.held, data.images, slicing, own_labels=False
+        )
+    choice = data.config.choices[0] if data.config.choices else None
+    if choice is not None and parent.classifier is not None and any(t.choices for t in data.train):
+        out.classifier, out.curves["classifier"] = _finetune_classifier(
+            ctx, parent.classifier, choice, data.train, data.images
+        )
+        out.metrics["candidate_accuracy"] = _accuracy(
+            out.classifier, choice, data.held, data.images, own_labels=True
+        )
+        out.metrics["live_accuracy"] = _accuracy(
+            parent.classifier, choice, data.held, data.images, own_labels=False
+        )
+    return out
+
+
+def decide(candidates: Candidates) -> tuple[bool, bool]:
+    """``(better_boxes, better_classes)``: does each candidate beat the live model?"""
+    m = candidates.metrics
+    better_boxes = candidates.detector is not None and m["candidate"]["map"] > m["live"]["map"]
     better_classes = (
-        candidate_classifier is not None
-        and metrics["candidate_accuracy"] > metrics["live_accuracy"]
+        candidates.classifier is not None and m["candidate_accuracy"] > m["live_accuracy"]
     )
-    accepted = better_boxes if candidate_detector is not None else better_classes
+    return better_boxes, better_classes
+
+
+def publish(
+    ctx: JobContext,
+    project: str,
+    run_id: str,
+    reason: str,
+    data: TrainingData,
+    parent: ModelBundle,
+    parent_version: str,
+    candidates: Candidates,
+) -> Version:
+    """Write the version (accepted or rejected) and make it live when it is better."""
+    better_boxes, better_classes = decide(candidates)
+    accepted = better_boxes if candidates.detector is not None else better_classes
+    rect = data.config.rectangles[0] if data.config.rectangles else None
+    choice = data.config.choices[0] if data.config.choices else None
     meta = {
-        "status": "accepted" if accepted else "rejected",
+        names.META_STATUS: "accepted" if accepted else "rejected",
         "project": project,
-        "parent": model_version(project, live_name) if live_name else parent.version,
-        "run_id": run_id,
+        names.META_PARENT: parent_version,
+        names.META_RUN_ID: run_id,
         "reason": reason,
-        "metrics": metrics,
+        names.META_METRICS: candidates.metrics,
         "labels": list(rect.labels) if rect else [],
         "choices": list(choice.labels) if choice else [],
-        "dataset": stats,
-        "curves": curves,
-        "settings": {
-            k: getattr(settings, k)
-            for k in (
-                "train_steps",
-                "train_batch_size",
-                "learning_rate",
-                "backbone_learning_rate",
-                "slice_height",
-                "slice_width",
-            )
-        },
+        "dataset": data.stats,
+        "curves": candidates.curves,
+        # Everything that shaped this version, as timm keeps its args beside a checkpoint.
+        "settings": {name: getattr(ctx.settings, name) for name in VERSION_SETTINGS},
     }
-    detector_to_save = candidate_detector or parent.detector
-    classifier_to_save = (
-        candidate_classifier if better_classes or candidate_detector is None else None
-    )
+    detector = candidates.detector or parent.detector
+    classifier = candidates.classifier if better_classes or candidates.detector is None else None
 
     def write(folder: Path) -> None:
-        if detector_to_save is not None:
-            detector_to_save.model.save_pretrained(folder / "detector")
-            detector_to_save.processor.save_pretrained(folder / "detector")
-        if classifier_to_save is not None:
-            classifier_to_save.model.save_pretrained(folder / "classifier")
-            classifier_to_save.processor.save_pretrained(folder / "classifier")
-        _plot_curves(curves, folder / "curves.png")
+        for model, sub in ((detector, names.DETECTOR_DIR), (classifier, names.CLASSIFIER_DIR)):
+            if model is not None:
+                model.model.save_pretrained(folder / sub)
+                model.processor.save_pretrained(folder / sub)
+        _plot_curves(candidates.curves, folder / names.CURVES_FILE)
 
-    version = registry.publish(project, write, meta)
+    version = ctx.registry.publish(project, write, meta)
     if accepted:
-        registry.set_live(project, version.name)
-    registry.prune(project, settings.keep_versions)
-    ctx.progress("done", force=True, version=version.name)
-    return _summary(meta, version.name, project)
+        ctx.registry.set_live(project, version.name)
+    ctx.registry.prune(project, ctx.settings.keep_versions)
+    return version
 
 
 def _summary(meta: dict[str, Any], name: str, project: str) -> dict[str, Any]:

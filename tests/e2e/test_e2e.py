@@ -103,7 +103,7 @@ def backend(studio: StudioServer, run_dir: Path, classifier_dir: Path) -> Iterat
     )  # fmt: skip
     log = run_dir / "backend.log"
     process = subprocess.Popen(
-        [sys.executable, "-m", "backend.cli", "up"],
+        [sys.executable, "-m", "label_studio_sahi.cli", "up"],
         env=env,
         cwd=ROOT,
         stdout=log.open("wb"),
@@ -120,7 +120,7 @@ def backend(studio: StudioServer, run_dir: Path, classifier_dir: Path) -> Iterat
 def _connect(studio: StudioServer, backend: Backend, api_key: str, *args: str) -> dict[str, Any]:
     env = {**os.environ, "LABEL_STUDIO_URL": studio.url, "LABEL_STUDIO_API_KEY": api_key}
     run = subprocess.run(
-        [sys.executable, "-m", "plugin.connect", "--backend", backend.url, "--json", *args],
+        [sys.executable, "-m", "label_studio_sahi.plugin.connect", "--backend", backend.url, "--json", *args],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr

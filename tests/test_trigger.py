@@ -8,7 +8,8 @@ from conftest import make_settings
 from rq import Queue
 from rq.job import Job, JobStatus
 
-from backend.jobs import TRAIN_JOB, TrainingTrigger, train_job_id
+from label_studio_sahi.names import TRAIN_JOB, train_job_id
+from label_studio_sahi.trigger import TrainingTrigger
 
 
 def _event(action: str, project: int = 1, **extra: Any) -> dict[str, Any]:

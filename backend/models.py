@@ -1,0 +1,89 @@
+"""Which models serve a project: the base models from settings, or a fine-tuned version.
+
+Used by the serving process, the training job, bulk predictions and ``ls-sahi predict``;
+it imports no serving machinery (watcher, trigger, thread pools).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from label_studio_sahi import names
+from label_studio_sahi.classifier import Classifier
+from label_studio_sahi.detector import Detector
+from label_studio_sahi.predict import ModelBundle
+from label_studio_sahi.registry import Registry, Version, VersionNotFound
+from label_studio_sahi.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_base_bundle(settings: Settings) -> ModelBundle:
+    """The configured detector and classifier (either may be disabled with an empty setting)."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    detector = (
+        Detector.load(settings.detector_model, settings.device, settings.half_precision)
+        if settings.detector_model
+        else None
+    )
+    classifier = (
+        Classifier.load(settings.classifier_model, settings.device, settings.half_precision)
+        if settings.classifier_model
+        else None
+    )
+    bundle = ModelBundle(detector, classifier)
+    log.info(
+        "models_loaded version=%s device=%s", bundle.version, detector.device if detector else "-"
+    )
+    return bundle
+
+
+def _load_classifier(source: str, settings: Settings) -> Classifier | None:
+    return Classifier.load(source, settings.device, settings.half_precision) if source else None
+
+
+def load_version_bundle(
+    version: Version, base_classifier: Callable[[], Classifier | None], settings: Settings
+) -> ModelBundle:
+    """A fine-tuned version's models: its classifier, or (only then loaded) the base one."""
+    detector = Detector.load(
+        str(version.path / names.DETECTOR_DIR), settings.device, settings.half_precision
+    )
+    own = version.path / names.CLASSIFIER_DIR
+    classifier = _load_classifier(str(own), settings) if own.is_dir() else base_classifier()
+    return ModelBundle(detector, classifier, version=version.model_version)
+
+
+def project_bundle(settings: Settings, registry: Registry, project: str) -> ModelBundle:
+    """The models a project is served with now: its live version, or the base models.
+
+    A live version's bundle never loads the base detector it replaces.
+    """
+    live = registry.live(project)
+    if live:
+        try:
+            version = registry.get(project, live)
+        except VersionNotFound:
+            # A pointer to a version this MODEL_DIR does not hold (deleted, or another volume).
+            log.warning("live_version_missing project=%s version=%s using=base", project, live)
+        else:
+            return load_version_bundle(
+                version, lambda: _load_classifier(settings.classifier_model, settings), settings
+            )
+    return load_base_bundle(settings)
+
+
+def check_bundle(bundle: ModelBundle) -> None:
+    """Run each model once on a blank image: catches broken checkpoints and warms them up."""
+    blank = np.full((64, 64, 3), 127, dtype=np.uint8)
+    if bundle.detector is not None:
+        if not bundle.detector.id2label:
+            raise ValueError("detector has no classes")
+        bundle.detector.detect([blank], threshold=0.5)
+    if bundle.classifier is not None:
+        bundle.classifier.classify([blank], top_k=1)
