@@ -38,7 +38,7 @@ from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from conftest import start_uvicorn, stop_uvicorn  # noqa: E402
+from servers import start_uvicorn, stop_uvicorn  # noqa: E402
 from tiny_models import draw_scene  # noqa: E402
 
 from label_studio_sahi.detector import Detector  # noqa: E402

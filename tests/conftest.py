@@ -5,25 +5,20 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tiny_models
-import uvicorn
+from servers import LEGACY_TOKEN
 
 from label_studio_sahi.classifier import Classifier
 from label_studio_sahi.detector import Detector
 from label_studio_sahi.predict import ModelBundle
 from label_studio_sahi.settings import Settings
-
-LEGACY_TOKEN = "a" * 20 + "0123456789abcdef0123"
 
 
 @pytest.fixture(autouse=True)
@@ -83,48 +78,6 @@ def classifier(classifier_dir: Path) -> Classifier:
 @pytest.fixture(scope="session")
 def bundle(detector: Detector, classifier: Classifier) -> ModelBundle:
     return ModelBundle(detector, classifier)
-
-
-def make_settings(**overrides: Any) -> Settings:
-    """Settings for tests: 128 px windows (the tiny models' scale), no env, no .env file."""
-    values: dict[str, Any] = {
-        "slice_height": 128,
-        "slice_width": 128,
-        "score_threshold": 0.3,
-        "device": "cpu",
-        "window_batch_size": 4,
-        # Never the user's real MODEL_DIR (~/.local/share/label-studio-sahi).
-        "model_dir": Path(tempfile.mkdtemp(prefix="ls-sahi-models-")),
-    }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
-
-
-@dataclass
-class LiveServer:
-    url: str
-    server: uvicorn.Server
-    thread: threading.Thread
-
-
-def start_uvicorn(app: Any) -> LiveServer:
-    """Serve ``app`` on 127.0.0.1 on a free port in a thread (real HTTP)."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return LiveServer(f"http://127.0.0.1:{port}", server, thread)
-
-
-def stop_uvicorn(live: LiveServer) -> None:
-    live.server.should_exit = True
-    live.thread.join(timeout=10)
 
 
 class _FilesHandler(SimpleHTTPRequestHandler):

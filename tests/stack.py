@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 import psutil
-from conftest import LiveServer, make_settings, start_uvicorn, stop_uvicorn
 from fake_studio import FakeStudio
+from servers import LiveServer, make_settings, start_uvicorn, stop_uvicorn
 
 from label_studio_sahi.models import load_base_bundle
 from label_studio_sahi.redis_server import connect

@@ -17,9 +17,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import LiveServer, make_settings, start_uvicorn, stop_uvicorn
 from labelled_project import CONFIG
 from safetensors.torch import load_file, save_file
+from servers import LiveServer, make_settings, start_uvicorn, stop_uvicorn
 from tiny_models import draw_scene
 
 from label_studio_sahi.predict import ModelBundle

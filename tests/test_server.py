@@ -10,9 +10,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import LEGACY_TOKEN, LiveServer, make_settings, start_uvicorn, stop_uvicorn
 from labelled_project import CONFIG_WITH_SCENES
 from PIL import Image
+from servers import LEGACY_TOKEN, LiveServer, make_settings, start_uvicorn, stop_uvicorn
 from tiny_models import draw_scene
 
 from label_studio_sahi.predict import ModelBundle

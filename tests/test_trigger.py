@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from conftest import make_settings
 from rq import Queue
 from rq.job import Job, JobStatus
+from servers import make_settings
 
 from label_studio_sahi.names import TRAIN_JOB, train_job_id
 from label_studio_sahi.trigger import TrainingTrigger

@@ -1,0 +1,58 @@
+"""Helpers that tests import: settings for tests, a real uvicorn server in a thread."""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from label_studio_sahi.settings import Settings
+
+LEGACY_TOKEN = "a" * 20 + "0123456789abcdef0123"
+
+
+def make_settings(**overrides: Any) -> Settings:
+    """Settings for tests: 128 px windows (the tiny models' scale), no env, no .env file."""
+    values: dict[str, Any] = {
+        "slice_height": 128,
+        "slice_width": 128,
+        "score_threshold": 0.3,
+        "device": "cpu",
+        "window_batch_size": 4,
+        # Never the user's real MODEL_DIR (~/.local/share/label-studio-sahi).
+        "model_dir": Path(tempfile.mkdtemp(prefix="ls-sahi-models-")),
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@dataclass
+class LiveServer:
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+
+
+def start_uvicorn(app: Any) -> LiveServer:
+    """Serve ``app`` on 127.0.0.1 on a free port in a thread (real HTTP)."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return LiveServer(f"http://127.0.0.1:{port}", server, thread)
+
+
+def stop_uvicorn(live: LiveServer) -> None:
+    live.server.should_exit = True
+    live.thread.join(timeout=10)
