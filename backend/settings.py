@@ -141,7 +141,15 @@ class Settings(BaseSettings):
     )
 
     # --- fine-tuning --------------------------------------------------------------------------
-    train_steps: int = Field(300, ge=1, description="Optimizer steps per fine-tuning job.")
+    train_epochs: float = Field(
+        3.0, gt=0, description="Passes over the training windows per fine-tuning job."
+    )
+    train_min_steps: int = Field(
+        200, ge=1, description="Fewest optimizer steps per job, however few the windows."
+    )
+    train_steps: int = Field(
+        2000, ge=1, description="Most optimizer steps per job, however many the windows."
+    )
     train_batch_size: int = Field(4, ge=1, description="Training windows per step.")
     learning_rate: float = Field(
         1e-4, gt=0, description="AdamW learning rate (transformer and heads)."
@@ -159,6 +167,16 @@ class Settings(BaseSettings):
         ge=0,
         le=1,
         description="Keep a box in a training window when this share of it is inside (sahi's default).",
+    )
+    train_augment: bool = Field(
+        True,
+        description="Train on windows at random places around objects too, flipped and colour-jittered.",
+    )
+    promote_confidence: float = Field(
+        0.8,
+        ge=0,
+        lt=1,
+        description="Promote a candidate only when a paired bootstrap over held-out images finds it better this often.",
     )
     negative_window_ratio: float = Field(
         0.25, ge=0, le=1, description="Share of windows without boxes kept as negatives."
@@ -205,8 +223,12 @@ VERSION_SETTINGS = (
     "merge_metric",
     "merge_threshold",
     "merge_class_agnostic",
+    "train_epochs",
+    "train_min_steps",
     "train_steps",
     "train_batch_size",
+    "train_augment",
+    "promote_confidence",
     "learning_rate",
     "backbone_learning_rate",
     "weight_decay",

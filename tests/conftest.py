@@ -30,8 +30,15 @@ def _no_env_leaks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+
+
 def _cached_model(cache: pytest.Cache, name: str, build: Callable[[Path], Path]) -> Path:
-    """Build a model once per version of tiny_models.py; later runs reuse the folder."""
+    """The committed checkpoint ``tests/fixtures/models/<name>`` (seeded, built by
+    ``python -m tests.tiny_models``), so every machine tests the same model whatever its
+    speed; without it, build once per version of tiny_models.py into pytest's cache."""
+    if (FIXTURES / name / "config.json").is_file():
+        return FIXTURES / name
     source = Path(tiny_models.__file__).read_bytes()
     key = f"{name}-{hashlib.sha256(source).hexdigest()[:12]}"
     folder = cache.mkdir(key)
@@ -53,16 +60,21 @@ def detector_dir(request: pytest.FixtureRequest) -> Path:
 @pytest.fixture(scope="session")
 def detr_dir(request: pytest.FixtureRequest) -> Path:
     """A tiny plain DETR (softmax with a no-object class), trained briefly: boxes, not good ones."""
-    return _cached_model(
-        request.config.cache,
-        "tiny-detr",
-        lambda out: tiny_models.train_tiny_detector(out, "detr", steps=400),
-    )
+    return _cached_model(request.config.cache, "tiny-detr", tiny_models.train_tiny_detr)
 
 
 @pytest.fixture(scope="session")
 def classifier_dir(request: pytest.FixtureRequest) -> Path:
     return _cached_model(request.config.cache, "tiny-vit", tiny_models.train_tiny_vit)
+
+
+@pytest.fixture(scope="session")
+def source_base_dir(request: pytest.FixtureRequest) -> Path:
+    """The learning benchmark's base: a tiny Conditional DETR trained on the source domain
+    (bench/quality_data.py) that already detects something in the target project."""
+    from bench.quality_data import train_source_base
+
+    return _cached_model(request.config.cache, "source-base", train_source_base)
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from stack import stack_settings
 from tiny_models import random_detr
 
 from label_studio_sahi.registry import Registry
+from label_studio_sahi.training.finetune import training_steps
 from label_studio_sahi.training.job import JobContext, run_training
 
 
@@ -47,7 +48,15 @@ def test_fine_tuning_raises_held_out_map_and_publishes_the_version(
     folder = registry.get(str(project.id), "v1").path
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["labels"] == ["Vehicle", "Person"] and meta["parent"].startswith("untrained@")
-    assert len(meta["curves"]["detector"]) == 300 and (folder / "curves.png").stat().st_size > 1000
+    steps = training_steps(meta["dataset"]["windows"], settings)
+    assert (
+        len(meta["curves"]["detector"]) == steps and (folder / "curves.png").stat().st_size > 1000
+    )
+    assert (
+        meta["decision"]["detector"]["promoted"]
+        and "bootstrap" in meta["decision"]["detector"]["why"]
+    )
+    assert meta["settings"]["grad_clip"] == settings.grad_clip  # every setting that shaped it
     config = json.loads((folder / "detector" / "config.json").read_text())
     assert config["id2label"] == {
         "0": "Vehicle",
@@ -122,8 +131,12 @@ def test_choices_fine_tune_the_classifier_too(
     metrics = summary["metrics"]
     assert 0 <= metrics["candidate_accuracy"] <= 1 and 0 <= metrics["live_accuracy"] <= 1
     meta = json.loads((registry.get(str(project.id), "v1").path / "meta.json").read_text())
-    assert len(meta["curves"]["classifier"]) == 30 and meta["choices"] == ["Street", "Beach"]
+    trained_on = summary["dataset"]["train_tasks"]
+    assert len(meta["curves"]["classifier"]) == training_steps(trained_on, settings)
+    assert meta["choices"] == ["Street", "Beach"]
     # The scene classifier already knows street from beach (the live one maps through names).
     assert metrics["live_accuracy"] == 1.0
-    saved = (registry.get(str(project.id), "v1").path / "classifier").is_dir()
-    assert saved == (metrics["candidate_accuracy"] > metrics["live_accuracy"])
+    # Judged on its own: a classifier that is not better is not promoted, whatever the boxes.
+    assert meta["decision"]["classifier"]["promoted"] == (
+        metrics["candidate_accuracy"] > metrics["live_accuracy"]
+    )

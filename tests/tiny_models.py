@@ -177,6 +177,11 @@ def train_tiny_detector(
     return out_dir
 
 
+def train_tiny_detr(out_dir: Path) -> Path:
+    """The plain-DETR fixture: briefly trained, for its decoding (softmax + no-object)."""
+    return train_tiny_detector(out_dir, "detr", steps=400)
+
+
 def random_detr(out_dir: Path, seed: int = 0, family: str = "conditional_detr") -> Path:
     """An untrained tiny detector, saved like a checkpoint (for loading and learning tests)."""
     model, processor = new_detector(family, seed)
@@ -216,3 +221,27 @@ def train_tiny_vit(out_dir: Path, steps: int = 60, seed: int = 0) -> Path:
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def build_fixtures(out: Path) -> None:
+    """(Re)build the committed fixture checkpoints: ``python -m tests.tiny_models`` from
+    the repository root.
+
+    Seeded and single-threaded, so the same code gives the same weights; committed so that
+    a slow or busy machine tests the same models without training them.
+    """
+    from bench.quality_data import train_source_base
+
+    torch.set_num_threads(1)
+    for name, build in (
+        ("tiny-vit", train_tiny_vit),
+        ("tiny-detr", train_tiny_detr),
+        ("tiny-cond-detr", train_tiny_detector),
+        ("source-base", train_source_base),
+    ):
+        build(out / name)
+        print(f"built {out / name}")
+
+
+if __name__ == "__main__":
+    build_fixtures(Path(__file__).resolve().parent / "fixtures" / "models")

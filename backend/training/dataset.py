@@ -33,6 +33,7 @@ __all__ = [
     "TrainingWindow",
     "crop",
     "holdout_hash",
+    "jittered_window",
     "labelled_tasks",
     "split_holdout",
     "training_windows",
@@ -331,6 +332,45 @@ def training_windows(
                 continue
             out.append(TrainingWindow(index, window, tuple(kept_boxes), tuple(kept_labels)))
     return out
+
+
+def jittered_window(
+    rng: random.Random,
+    image_size: tuple[int, int],
+    boxes: Sequence[tuple[str, Sequence[float]]],
+    *,
+    slice_height: int,
+    slice_width: int,
+    min_area_ratio: float,
+) -> tuple[Window, tuple[Box, ...], tuple[str, ...]]:
+    """A window of the slice size at a random place around a random object (anywhere when
+    the image has none), with its boxes clipped as in ``training_windows``.
+
+    The grid of ``training_windows`` shows each object at one or two fixed offsets; drawn
+    windows show it anywhere in the window, and its neighbours at other cuts, which is what
+    a small label set needs most (the augmentation sahi's slicing-aided fine-tuning relies on).
+    """
+    width, height = image_size
+    sw, sh = min(slice_width, width), min(slice_height, height)
+    if boxes:
+        _, (x1, y1, x2, y2) = boxes[rng.randrange(len(boxes))]
+        # Any offset that keeps the object's centre inside the window.
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        left = rng.uniform(max(0.0, cx - sw), min(cx, width - sw))
+        top = rng.uniform(max(0.0, cy - sh), min(cy, height - sh))
+    else:
+        left, top = rng.uniform(0, width - sw), rng.uniform(0, height - sh)
+    window: Window = (int(left), int(top), int(left) + sw, int(top) + sh)
+    kept_boxes: list[Box] = []
+    kept_labels: list[str] = []
+    for label, b in boxes:
+        clipped = _clip(
+            (float(b[0]), float(b[1]), float(b[2]), float(b[3])), window, min_area_ratio
+        )
+        if clipped is not None:
+            kept_boxes.append(clipped)
+            kept_labels.append(str(label))
+    return window, tuple(kept_boxes), tuple(kept_labels)
 
 
 def crop(image: Image.Image, window: Sequence[int]) -> Image.Image:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from pycocotools.cocoeval import COCOeval
 
 from label_studio_sahi.slicing import Detections
 
-__all__ = ["classification_accuracy", "detection_metrics"]
+__all__ = ["classification_accuracy", "detection_metrics", "paired_bootstrap"]
 
 Box = tuple[float, float, float, float]
 
@@ -129,6 +130,38 @@ def detection_metrics(
     result["map_50"] = max(stats[1], 0.0)
     result["map_small"] = stats[3] if stats[3] >= 0 else None
     return result
+
+
+def paired_bootstrap(
+    candidate: Sequence[Detections],
+    live: Sequence[Detections],
+    truths: Sequence[tuple[Sequence[Box], Sequence[int]]],
+    num_classes: int,
+    image_sizes: Sequence[tuple[int, int]] | None = None,
+    metric: str = "map_50",
+    resamples: int = 200,
+    seed: int = 0,
+) -> float:
+    """How often the candidate scores strictly higher than live on held-out images drawn
+    with replacement (both models on the same draw): the share of ``resamples`` draws.
+
+    A held-out set of a few images is noise: one image more or less flips a small
+    difference. A gain that survives most re-draws of the images is one that holds across
+    them. Ties count as not better, so a candidate equal to live is never promoted.
+    """
+    if not truths:
+        return 0.0
+    rng = random.Random(seed)
+    n = len(truths)
+    wins = 0
+    for _ in range(resamples):
+        pick = [rng.randrange(n) for _ in range(n)]
+        sizes = [image_sizes[i] for i in pick] if image_sizes is not None else None
+        chosen = [truths[i] for i in pick]
+        a = detection_metrics([candidate[i] for i in pick], chosen, num_classes, sizes)[metric]
+        b = detection_metrics([live[i] for i in pick], chosen, num_classes, sizes)[metric]
+        wins += float(a or 0.0) > float(b or 0.0)
+    return wins / resamples
 
 
 def classification_accuracy(predicted: Sequence[str | None], truth: Sequence[str]) -> float:

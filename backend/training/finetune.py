@@ -8,6 +8,7 @@ the backbone, gradient clipping, and mixed precision on CUDA.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 from torch import nn
 
 from label_studio_sahi.settings import Settings
@@ -43,8 +44,9 @@ def relabel_head(
     """Give a model exactly ``labels`` as classes, keeping what it knows of each of them.
 
     A row of the new head is copied from the old class that maps to the label
-    (``class_to_label``, i.e. the label config's name / predicted_values rules); labels no
-    old class maps to start fresh. Extra rows past the classes (DETR's no-object) are kept.
+    (``class_to_label``, i.e. the label config's name / predicted_values rules), averaged
+    when several do; labels no old class maps to start fresh. Extra rows past the classes
+    (DETR's no-object) are kept.
     """
     old_names = {int(k): str(v) for k, v in model.config.id2label.items()}
     if [old_names.get(i) for i in range(len(labels))] == list(labels) and len(old_names) == len(
@@ -64,12 +66,12 @@ def relabel_head(
         new.bias.fill_(float(head.bias[: len(old_names)].mean()))
         new.weight.add_(torch.randn_like(new.weight) * 0.01)
         for i, label in enumerate(labels):
-            source = next(
-                (j for j, name in old_names.items() if class_to_label(name) == label), None
-            )
-            if source is not None:
-                new.weight[i] = head.weight[source]
-                new.bias[i] = head.bias[source]
+            # Every old class this label stands for (predicted_values="car,truck"): the
+            # mean of their rows keeps what the model knew of each, not just the first.
+            sources = [j for j, name in old_names.items() if class_to_label(name) == label]
+            if sources:
+                new.weight[i] = head.weight[sources].mean(dim=0)
+                new.bias[i] = head.bias[sources].mean()
         if extra:
             new.weight[len(labels) :] = head.weight[len(old_names) :]
             new.bias[len(labels) :] = head.bias[len(old_names) :]
@@ -163,24 +165,50 @@ def _run_steps(
     return curve
 
 
+def training_steps(windows: int, settings: Settings) -> int:
+    """Optimizer steps for ``windows`` training windows: ``TRAIN_EPOCHS`` passes over them,
+    at least ``TRAIN_MIN_STEPS`` and at most ``TRAIN_STEPS``."""
+    epochs = math.ceil(settings.train_epochs * windows / settings.train_batch_size)
+    return max(
+        min(settings.train_min_steps, settings.train_steps), min(epochs, settings.train_steps)
+    )
+
+
+def augment(sample: DetectionSample, rng: random.Random) -> DetectionSample:
+    """A horizontal flip half of the time and a brightness / contrast / colour jitter:
+    what a small label set cannot show of its objects."""
+    image = sample.image
+    boxes = list(sample.boxes)
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        w = image.width
+        boxes = [(w - x2, y1, w - x1, y2) for x1, y1, x2, y2 in boxes]
+    image = ImageEnhance.Brightness(image).enhance(rng.uniform(0.85, 1.15))
+    image = ImageEnhance.Contrast(image).enhance(rng.uniform(0.85, 1.15))
+    image = ImageEnhance.Color(image).enhance(rng.uniform(0.8, 1.2))
+    return DetectionSample(image, boxes, sample.labels)
+
+
 def train_detector(
     model: Any,
     processor: Any,
-    samples: Sequence[DetectionSample],
+    draw: Callable[[random.Random], DetectionSample],
     settings: Settings,
     device: torch.device,
+    steps: int,
     progress: Progress | None = None,
     seed: int = 0,
 ) -> list[float]:
-    """Fine-tune ``model`` in place for ``settings.train_steps`` steps; returns the loss curve."""
-    if not samples:
-        raise ValueError("no training windows")
+    """Fine-tune ``model`` in place for ``steps`` steps on samples from ``draw(rng)``
+    (augmented when ``TRAIN_AUGMENT``); returns the loss curve."""
     model.to(device)
     rng = random.Random(seed)
     torch.manual_seed(seed)
 
     def loss_of() -> torch.Tensor:
-        batch = [rng.choice(samples) for _ in range(settings.train_batch_size)]
+        batch = [draw(rng) for _ in range(settings.train_batch_size)]
+        if settings.train_augment:
+            batch = [augment(s, rng) for s in batch]
         inputs = processor(images=[s.image for s in batch], return_tensors="pt")
         pixel_mask = inputs.get("pixel_mask")
         out = model(
@@ -190,7 +218,7 @@ def train_detector(
         )
         return out.loss
 
-    return _run_steps(model, loss_of, settings, settings.train_steps, device, progress)
+    return _run_steps(model, loss_of, settings, steps, device, progress)
 
 
 def train_classifier(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,22 +36,29 @@ from label_studio_sahi.studio import StudioClient
 from label_studio_sahi.training.dataset import (
     LabelledTask,
     crop,
+    jittered_window,
     labelled_tasks,
     split_holdout,
     training_windows,
 )
-from label_studio_sahi.training.evaluate import classification_accuracy, detection_metrics
+from label_studio_sahi.training.evaluate import (
+    classification_accuracy,
+    detection_metrics,
+    paired_bootstrap,
+)
 from label_studio_sahi.training.finetune import (
     DetectionSample,
     Progress,
     relabel_head,
     train_classifier,
     train_detector,
+    training_steps,
 )
 
 log = logging.getLogger(__name__)
 
 EVAL_SCORE_THRESHOLD = 0.05  # mAP needs the low-score tail of the precision-recall curve
+GATE_METRIC = "map_50"  # what promotion compares: a box found at IoU 0.5 is one not drawn
 
 
 @dataclass
@@ -172,12 +180,17 @@ def train_and_evaluate(ctx: JobContext, data: TrainingData, parent: ModelBundle)
             ctx, parent.detector, rect, data.train, data.images
         )
         ctx.stage("evaluating")
-        out.metrics["candidate"] = _evaluate_detector(
+        candidate = _evaluate_detector(
             out.detector, rect, data.held, data.images, slicing, own_labels=True
         )
-        out.metrics["live"] = _evaluate_detector(
+        live = _evaluate_detector(
             parent.detector, rect, data.held, data.images, slicing, own_labels=False
         )
+        out.metrics["candidate"], out.metrics["live"] = candidate.metrics, live.metrics
+        out.metrics["bootstrap_better"] = paired_bootstrap(
+            candidate.predictions, live.predictions, candidate.truths, len(rect.labels),
+            candidate.sizes, metric=GATE_METRIC,
+        )  # fmt: skip
     choice = data.config.choices[0] if data.config.choices else None
     if choice is not None and parent.classifier is not None and any(t.choices for t in data.train):
         out.classifier, out.curves["classifier"] = _finetune_classifier(
@@ -192,14 +205,32 @@ def train_and_evaluate(ctx: JobContext, data: TrainingData, parent: ModelBundle)
     return out
 
 
-def decide(candidates: Candidates) -> tuple[bool, bool]:
-    """``(better_boxes, better_classes)``: does each candidate beat the live model?"""
+def decide(candidates: Candidates, settings: Settings) -> dict[str, dict[str, Any]]:
+    """Per model, whether to promote it and why; detector and classifier independently.
+
+    The detector must score higher than live on held-out mAP@.5 *and* do so on at least
+    ``PROMOTE_CONFIDENCE`` of the paired bootstrap draws of the held-out images (a few
+    images are noise). The classifier must have a higher held-out accuracy.
+    """
     m = candidates.metrics
-    better_boxes = candidates.detector is not None and m["candidate"]["map"] > m["live"]["map"]
-    better_classes = (
-        candidates.classifier is not None and m["candidate_accuracy"] > m["live_accuracy"]
-    )
-    return better_boxes, better_classes
+    out: dict[str, dict[str, Any]] = {}
+    if candidates.detector is not None:
+        gain = m["candidate"][GATE_METRIC] - m["live"][GATE_METRIC]
+        sure = m["bootstrap_better"]
+        promoted = gain > 0 and sure >= settings.promote_confidence
+        why = (
+            f"held-out {GATE_METRIC} {m['candidate'][GATE_METRIC]:.4f} vs live "
+            f"{m['live'][GATE_METRIC]:.4f} ({gain:+.4f}); better in {sure:.0%} of bootstrap "
+            f"draws of {m['candidate']['images']} images (needs {settings.promote_confidence:.0%})"
+        )
+        out["detector"] = {"promoted": promoted, "why": why}
+    if candidates.classifier is not None:
+        a, b = m["candidate_accuracy"], m["live_accuracy"]
+        out["classifier"] = {
+            "promoted": a > b,
+            "why": f"held-out accuracy {a:.3f} vs live {b:.3f}",
+        }
+    return out
 
 
 def publish(
@@ -212,9 +243,15 @@ def publish(
     parent_version: str,
     candidates: Candidates,
 ) -> Version:
-    """Write the version (accepted or rejected) and make it live when it is better."""
-    better_boxes, better_classes = decide(candidates)
-    accepted = better_boxes if candidates.detector is not None else better_classes
+    """Write the version (accepted or rejected) and make it live when it is better.
+
+    A version holds the promoted candidates and, for a model whose candidate lost, the
+    parent's model: a better classifier is kept even when the detector's candidate lost.
+    """
+    decision = decide(candidates, ctx.settings)
+    better_boxes = decision.get("detector", {}).get("promoted", False)
+    better_classes = decision.get("classifier", {}).get("promoted", False)
+    accepted = better_boxes or better_classes
     rect = data.config.rectangles[0] if data.config.rectangles else None
     choice = data.config.choices[0] if data.config.choices else None
     meta = {
@@ -224,6 +261,7 @@ def publish(
         names.META_RUN_ID: run_id,
         "reason": reason,
         names.META_METRICS: candidates.metrics,
+        "decision": decision,
         "labels": list(rect.labels) if rect else [],
         "choices": list(choice.labels) if choice else [],
         "dataset": data.stats,
@@ -231,8 +269,19 @@ def publish(
         # Everything that shaped this version, as timm keeps its args beside a checkpoint.
         "settings": {name: getattr(ctx.settings, name) for name in VERSION_SETTINGS},
     }
-    detector = candidates.detector or parent.detector
-    classifier = candidates.classifier if better_classes or candidates.detector is None else None
+    if accepted:
+        # What serves: each model's candidate if it won, else the parent's. A version
+        # without a classifier folder is served with the base classifier, so a parent's
+        # own (fine-tuned) classifier goes along when the candidate did not beat it.
+        detector = candidates.detector if better_boxes else parent.detector
+        classifier = candidates.classifier if better_classes else None
+        live_name = ctx.registry.live(project)
+        if classifier is None and live_name is not None:
+            own = ctx.registry.get(project, live_name).path / names.CLASSIFIER_DIR
+            classifier = parent.classifier if own.is_dir() else None
+    else:  # kept for inspection, never served
+        detector = candidates.detector or parent.detector
+        classifier = candidates.classifier
 
     def write(folder: Path) -> None:
         for model, sub in ((detector, names.DETECTOR_DIR), (classifier, names.CLASSIFIER_DIR)):
@@ -270,9 +319,10 @@ def _finetune_detector(
     labels = list(tag.labels)
     model = copy.deepcopy(live.model).float()
     relabel_head(model, "class_labels_classifier", labels, tag.label_for)
+    boxes = [[(label, box) for label, box in t.boxes if label in labels] for t in train]
     windows = training_windows(
         [images[t.task_id].size for t in train],
-        [[(label, box) for label, box in t.boxes if label in labels] for t in train],
+        boxes,
         slice_height=settings.slice_height,
         slice_width=settings.slice_width,
         overlap_height_ratio=settings.overlap_height_ratio,
@@ -288,11 +338,41 @@ def _finetune_detector(
         )
         for w in windows
     ]
+    if not samples:
+        raise ValueError("no training windows")
+    # Windows drawn at random places need a fixed window size; automatic slicing has none.
+    jitter = settings.train_augment and settings.slice_height and settings.slice_width
 
+    def draw(rng: random.Random) -> DetectionSample:
+        if not jitter or rng.random() < 0.5:
+            return samples[rng.randrange(len(samples))]
+        index = rng.randrange(len(train))
+        image = images[train[index].task_id]
+        window, kept, names_ = jittered_window(
+            rng,
+            image.size,
+            boxes[index],
+            slice_height=int(settings.slice_height or 0),
+            slice_width=int(settings.slice_width or 0),
+            min_area_ratio=settings.min_area_ratio,
+        )
+        return DetectionSample(crop(image, window), kept, [labels.index(n) for n in names_])
+
+    steps = training_steps(len(samples), settings)
     progress = ctx.step_reporter("training detector")
-    curve = train_detector(model, live.processor, samples, settings, live.device, progress)
+    curve = train_detector(model, live.processor, draw, settings, live.device, steps, progress)
     candidate = Detector(model, live.processor, live.device, live.dtype, version="candidate")
     return candidate, curve, len(samples)
+
+
+@dataclass
+class HeldOutScore:
+    """A detector's boxes on the held-out tasks, the truth, and the COCO metrics."""
+
+    predictions: list[Detections]
+    truths: list[tuple[list[tuple[float, float, float, float]], list[int]]]
+    sizes: list[tuple[int, int]]
+    metrics: dict[str, Any]
 
 
 def _evaluate_detector(
@@ -302,10 +382,10 @@ def _evaluate_detector(
     images: dict[int, Image.Image],
     slicing: SliceConfig,
     own_labels: bool,
-) -> dict[str, Any]:
+) -> HeldOutScore:
     """Sliced mAP on held-out tasks; a live model's classes are mapped to labels as in serving."""
     labels = list(tag.labels)
-    names = detector.id2label
+    names_ = detector.id2label
     predictions, truths, sizes = [], [], []
     for task in held:
         image = images[task.task_id]
@@ -315,7 +395,7 @@ def _evaluate_detector(
         mapped = [
             (i, labels.index(label))
             for i, label in enumerate(
-                names[int(c)] if own_labels else tag.label_for(names[int(c)])
+                names_[int(c)] if own_labels else tag.label_for(names_[int(c)])
                 for c in found.labels.tolist()
             )
             if label in labels
@@ -331,7 +411,8 @@ def _evaluate_detector(
         truth = [(box, labels.index(label)) for label, box in task.boxes if label in labels]
         truths.append(([b for b, _ in truth], [c for _, c in truth]))
         sizes.append(image.size)
-    return detection_metrics(predictions, truths, len(labels), image_sizes=sizes)
+    metrics = detection_metrics(predictions, truths, len(labels), image_sizes=sizes)
+    return HeldOutScore(predictions, truths, sizes, metrics)
 
 
 def _finetune_classifier(
@@ -353,7 +434,7 @@ def _finetune_classifier(
     progress = ctx.step_reporter("training classifier")
     curve = train_classifier(
         model, live.processor, [i for i, _ in chosen], [c for _, c in chosen], ctx.settings, live.device,
-        steps=max(1, ctx.settings.train_steps // 2), progress=progress,
+        steps=training_steps(len(chosen), ctx.settings), progress=progress,
     )  # fmt: skip
     return Classifier(model, live.processor, live.device, live.dtype, version="candidate"), curve
 

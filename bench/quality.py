@@ -1,0 +1,319 @@
+"""Does labelling make the model better? Rounds of labels through the real fine-tuning job.
+
+    python -m bench.quality                       # 3 seeds, rounds 10 25 50 100 (CPU, ~20 min)
+    python -m bench.quality --seeds 0 --rounds 4 8 --test-images 3 --tiny   # the CI path
+
+Per seed, a Label Studio stand-in (``tests/fake_studio.py``, real HTTP) holds a project of
+large synthetic images (``bench/quality_data.py``). Round by round more of its tasks are
+labelled and the real job runs on it (export, sliced windows, fine-tune, held-out gate,
+publish, live pointer in a real Redis), starting from a base trained on another domain.
+After each round the *live* model (the promoted one, or its parent when the candidate was
+rejected) is scored on a fixed test split that no job and no choice ever saw:
+
+* ``map``, ``map_50``, ``map_small``: COCO AP at IoU .50:.95, .50, and of small objects
+  (boxes scored down to 0.05, as mAP needs the tail of the precision-recall curve);
+* ``accept``: pre-annotation acceptance at the serving threshold: the share of true boxes
+  a prediction already matches (IoU >= 0.5, right label): what the annotator need not draw;
+* ``edit``: wrong boxes at the serving threshold per image: what the annotator deletes.
+
+Prints a table per seed and the median over seeds, writes ``results.json`` and a learning
+curve ``learning_curve.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+
+from bench import quality_data as data
+from label_studio_sahi.detector import Detector
+from label_studio_sahi.labeling import parse_label_config
+from label_studio_sahi.models import project_bundle
+from label_studio_sahi.predict import SliceConfig, sliced_detect
+from label_studio_sahi.redis_server import EmbeddedRedis, connect
+from label_studio_sahi.registry import Registry
+from label_studio_sahi.settings import Settings
+from label_studio_sahi.training.evaluate import detection_metrics
+from label_studio_sahi.training.job import EVAL_SCORE_THRESHOLD, JobContext, run_training
+from tests.fake_studio import FakeStudio
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMITTED_BASE = ROOT / "tests" / "fixtures" / "models" / "source-base"
+SLICE = data.SOURCE_SIZE  # windows at the scale the base was trained at
+
+
+@dataclass
+class TestSplit:
+    images: list[np.ndarray]
+    truths: list[tuple[list[tuple[float, float, float, float]], list[int]]]
+    sizes: list[tuple[int, int]]
+
+
+def test_split(count: int) -> TestSplit:
+    images, truths, sizes = [], [], []
+    for seed in data.test_seeds(count):
+        scene = data.target_scene(seed)
+        images.append(np.array(scene.image))
+        truths.append(
+            (
+                [tuple(float(v) for v in b) for b in scene.boxes],  # type: ignore[misc]
+                [data.LABELS.index(data.LABEL_OF[c]) for c in scene.classes],
+            )
+        )
+        sizes.append(scene.image.size)
+    return TestSplit(images, truths, sizes)
+
+
+def base_model(cache: Path) -> Path:
+    """The committed source-domain base, or one trained into ``cache`` (seeded)."""
+    if (COMMITTED_BASE / "config.json").is_file():
+        return COMMITTED_BASE
+    out = cache / "source-base"
+    if not (out / "config.json").is_file():
+        print(f"training the source-domain base into {out} (a few minutes)", flush=True)
+        data.train_source_base(out)
+    return out
+
+
+def acceptance_and_edits(
+    predictions: Sequence[Any], split: TestSplit, threshold: float
+) -> tuple[float, float]:
+    """(share of true boxes matched at IoU >= 0.5 with the right label, wrong boxes per image),
+    predictions above ``threshold``, matched greedily by score as an annotator would accept."""
+    matched = total = wrong = 0
+    for det, (boxes, labels) in zip(predictions, split.truths, strict=True):
+        keep = det.scores >= threshold
+        pb, ps, pl = det.boxes[keep], det.scores[keep], det.labels[keep]
+        total += len(boxes)
+        if len(pb) == 0:
+            continue
+        if not boxes:
+            wrong += len(pb)
+            continue
+        iou = box_iou(pb.float(), torch.tensor(boxes, dtype=torch.float32))
+        taken: set[int] = set()
+        for i in torch.argsort(ps, descending=True).tolist():
+            candidates = [
+                (float(iou[i, j]), j)
+                for j in range(len(boxes))
+                if j not in taken and labels[j] == int(pl[i]) and float(iou[i, j]) >= 0.5
+            ]
+            if candidates:
+                taken.add(max(candidates)[1])
+            else:
+                wrong += 1
+        matched += len(taken)
+    return matched / max(1, total), wrong / max(1, len(split.truths))
+
+
+def score(
+    detector: Detector, tag: Any, split: TestSplit, slicing: SliceConfig, threshold: float
+) -> dict[str, float | None]:
+    """Test-split metrics of a detector as served (classes mapped to the project's labels)."""
+    own = list(detector.id2label.values()) == list(tag.labels)
+    predictions = []
+    for pixels in split.images:
+        found = sliced_detect(detector, pixels, slicing, EVAL_SCORE_THRESHOLD)
+        labels = [
+            detector.id2label[int(c)] if own else tag.label_for(detector.id2label[int(c)])
+            for c in found.labels.tolist()
+        ]
+        keep = [i for i, name in enumerate(labels) if name in tag.labels]
+        found.boxes, found.scores = found.boxes[keep], found.scores[keep]
+        found.labels = found.labels.new_tensor([tag.labels.index(labels[i]) for i in keep])
+        predictions.append(found)
+    metrics = detection_metrics(predictions, split.truths, len(tag.labels), split.sizes)
+    accept, edit = acceptance_and_edits(predictions, split, threshold)
+    return {
+        "map": metrics["map"],
+        "map_50": metrics["map_50"],
+        "map_small": metrics["map_small"],
+        "accept": accept,
+        "edit": edit,
+    }
+
+
+def png(scene: data.Scene) -> bytes:
+    out = io.BytesIO()
+    scene.image.save(out, "PNG")
+    return out.getvalue()
+
+
+def run_seed(
+    seed: int,
+    rounds: list[int],
+    split: TestSplit,
+    base: Path,
+    work: Path,
+    overrides: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """Rounds of labels for one seed; a row per round (round 0: the base)."""
+    rows: list[dict[str, Any]] = []
+    redis_server = EmbeddedRedis(work / f"redis-{seed}")
+    client = connect(redis_server.start())
+    try:
+        with FakeStudio() as fake:
+            pid = fake.add_project(data.LABEL_CONFIG, title=f"quality seed {seed}")
+            tag = parse_label_config(data.LABEL_CONFIG).rectangles[0]
+            values: dict[str, Any] = {
+                "label_studio_url": fake.url,
+                "label_studio_api_key": fake.legacy_token,
+                "detector_model": str(base),
+                "classifier_model": "",
+                "model_dir": work / f"models-{seed}",
+                "device": "cpu",
+                "slice_height": SLICE,
+                "slice_width": SLICE,
+                "window_batch_size": 8,
+                **overrides,
+            }
+            settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+            registry = Registry.for_settings(settings, client)
+            slicing = SliceConfig.from_settings(settings)
+            scenes = [data.target_scene(s) for s in data.project_seeds(seed, max(rounds))]
+            tasks = [fake.add_task(pid, {"image": fake.upload(pid, f"{i}.png", png(s))})
+                     for i, s in enumerate(scenes)]  # fmt: skip
+            bundle = project_bundle(settings, registry, str(pid))
+            assert bundle.detector is not None
+            rows.append({"seed": seed, "labels": 0, "status": "base", "version": "base",
+                         **score(bundle.detector, tag, split, slicing, settings.score_threshold)})  # fmt: skip
+            labelled = 0
+            for n in rounds:
+                for i in range(labelled, n):
+                    fake.add_annotation(tasks[i], data.export_result(scenes[i]))
+                labelled = n
+                start = time.monotonic()
+                summary = run_training(
+                    JobContext(settings, registry), str(pid), f"{n} labels", f"s{seed}-n{n}"
+                )
+                wall = time.monotonic() - start
+                bundle = project_bundle(settings, registry, str(pid))
+                assert bundle.detector is not None
+                version = registry.get(str(pid), summary["version"])
+                steps = len(version.meta["curves"].get("detector", []))
+                rows.append(
+                    {
+                        "seed": seed,
+                        "labels": n,
+                        "status": summary["status"],
+                        "version": registry.live(str(pid)) or "base",
+                        "job_seconds": round(wall, 1),
+                        "windows": summary["dataset"].get("windows"),
+                        "steps": steps,
+                        "windows_per_s": round(steps * settings.train_batch_size / wall, 1),
+                        "heldout_candidate": summary["metrics"]["candidate"]["map_50"],
+                        "heldout_live": summary["metrics"]["live"]["map_50"],
+                        "why": version.meta.get("decision", {}).get("detector", {}).get("why"),
+                        **score(bundle.detector, tag, split, slicing, settings.score_threshold),
+                    }
+                )
+                print(_row(rows[-1]), flush=True)
+    finally:
+        redis_server.stop()
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+COLUMNS = ("seed", "labels", "status", "version", "map", "map_50", "map_small", "accept", "edit",
+           "job_seconds", "windows_per_s")  # fmt: skip
+
+
+def _row(row: dict[str, Any]) -> str:
+    return "| " + " | ".join(_fmt(row.get(c)) for c in COLUMNS) + " |"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+    return head + "\n".join(_row(r) for r in rows)
+
+
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for n in sorted({r["labels"] for r in rows}):
+        same = [r for r in rows if r["labels"] == n]
+        row: dict[str, Any] = {"seed": "median", "labels": n}
+        for key in ("map", "map_50", "map_small", "accept", "edit", "job_seconds", "windows_per_s"):
+            values = [r[key] for r in same if r.get(key) is not None]
+            row[key] = statistics.median(values) if values else None
+        row["status"] = "/".join(r["status"][0] for r in same)
+        out.append(row)
+    return out
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    for seed in sorted({r["seed"] for r in rows}):
+        mine = [r for r in rows if r["seed"] == seed]
+        xs = [r["labels"] for r in mine]
+        axes[0].plot(xs, [r["map_50"] for r in mine], marker="o", label=f"seed {seed}")
+        axes[1].plot(xs, [r["accept"] for r in mine], marker="o", label=f"seed {seed}")
+    axes[0].set_ylabel("test mAP@.5")
+    axes[1].set_ylabel("pre-annotation acceptance")
+    for ax in axes:
+        ax.set_xlabel("labelled images")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rounds", type=int, nargs="+", default=[10, 25, 50, 100])
+    parser.add_argument("--test-images", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality")
+    parser.add_argument(
+        "--tiny", action="store_true", help="few steps: checks the path, not quality"
+    )
+    parser.add_argument("--set", nargs="*", default=[], metavar="SETTING=VALUE",
+                        help="settings for the job, e.g. train_augment=false (ablations)")  # fmt: skip
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # steady on a shared 2-core machine
+    overrides: dict[str, Any] = dict(item.split("=", 1) for item in args.set)
+    if args.tiny:
+        overrides.setdefault("train_steps", 20)
+        overrides.setdefault("train_min_steps", 20)
+    args.out.mkdir(parents=True, exist_ok=True)
+    split = test_split(args.test_images)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="ls-sahi-quality-") as tmp:
+        base = base_model(args.out / "cache")
+        for seed in args.seeds:
+            rows += run_seed(seed, sorted(args.rounds), split, base, Path(tmp), overrides)
+    print(table(rows))
+    print()
+    print(table(medians(rows)))
+    (args.out / "results.json").write_text(
+        json.dumps({"settings": overrides, "rows": rows}, indent=2, default=str)
+    )
+    plot(rows, args.out / "learning_curve.png")
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'learning_curve.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

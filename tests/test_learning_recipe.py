@@ -1,0 +1,162 @@
+"""The pieces of the fine-tuning recipe: drawn windows, augmentation, step budget, the
+relabelled head, and the promotion gate."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+from PIL import Image
+from servers import make_settings
+from torch import nn
+
+from label_studio_sahi.slicing import Detections
+from label_studio_sahi.training.dataset import jittered_window
+from label_studio_sahi.training.evaluate import paired_bootstrap
+from label_studio_sahi.training.finetune import (
+    DetectionSample,
+    augment,
+    relabel_head,
+    training_steps,
+)
+from label_studio_sahi.training.job import Candidates, decide
+
+
+def test_a_drawn_window_holds_the_object_it_was_drawn_around_in_window_pixels() -> None:
+    rng = random.Random(0)
+    boxes = [("car", (900.0, 700.0, 930.0, 720.0))]
+    for _ in range(50):
+        window, kept, labels = jittered_window(
+            rng, (1600, 1200), boxes, slice_height=128, slice_width=128, min_area_ratio=0.1
+        )
+        x1, y1, x2, y2 = window
+        assert (x2 - x1, y2 - y1) == (128, 128) and x1 >= 0 and x2 <= 1600 and y2 <= 1200
+        assert labels == ("car",)
+        bx1, by1, bx2, by2 = kept[0]
+        assert 0 <= bx1 < bx2 <= 128 and 0 <= by1 < by2 <= 128
+        # The kept box is the object's part inside the window, shifted by the window.
+        assert bx1 == max(900 - x1, 0) and by2 == min(720 - y1, 128)
+
+
+def test_drawn_windows_move_the_object_around_the_window() -> None:
+    rng = random.Random(1)
+    boxes = [("car", (900.0, 700.0, 930.0, 720.0))]
+    lefts = {
+        jittered_window(rng, (1600, 1200), boxes, slice_height=128, slice_width=128,
+                        min_area_ratio=0.1)[0][0]
+        for _ in range(30)
+    }  # fmt: skip
+    assert len(lefts) > 10
+
+
+def test_an_image_without_objects_gives_an_empty_window_inside_it() -> None:
+    window, kept, labels = jittered_window(
+        random.Random(0), (300, 200), [], slice_height=128, slice_width=128, min_area_ratio=0.1
+    )
+    assert kept == () and labels == () and window[2] <= 300 and window[3] <= 200
+
+
+def test_a_flip_mirrors_the_boxes_with_the_pixels() -> None:
+    image = Image.new("RGB", (100, 50))
+    image.paste((255, 0, 0), (10, 5, 30, 25))
+    sample = DetectionSample(image, [(10.0, 5.0, 30.0, 25.0)], [0])
+    flipped = [s for s in (augment(sample, random.Random(i)) for i in range(20))
+               if s.boxes[0][0] != 10.0]  # fmt: skip
+    assert flipped, "half of the draws flip"
+    x1, y1, x2, y2 = flipped[0].boxes[0]
+    assert (x1, y1, x2, y2) == (70.0, 5.0, 90.0, 25.0)
+    assert flipped[0].image.getpixel((80, 15))[0] > 150  # the red square moved with its box
+
+
+def test_steps_follow_the_data_between_a_floor_and_a_cap() -> None:
+    settings = make_settings(
+        train_epochs=2, train_batch_size=4, train_min_steps=50, train_steps=400
+    )
+    assert training_steps(10, settings) == 50  # few windows: the floor
+    assert training_steps(400, settings) == 200  # 2 passes over 400 windows, 4 a step
+    assert training_steps(10_000, settings) == 400  # many: the cap
+    assert training_steps(10, make_settings(train_steps=5, train_min_steps=50)) == 5
+
+
+class _Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = type("C", (), {})()
+        self.config.id2label = {0: "car", 1: "person", 2: "truck"}
+        self.head = nn.Linear(4, 3)
+
+
+def test_a_label_that_stands_for_several_classes_starts_from_all_of_them() -> None:
+    model: Any = _Model()
+    old = model.head.weight.detach().clone()
+    labels = ["Vehicle", "Person"]
+    mapping = {"car": "Vehicle", "truck": "Vehicle", "person": "Person"}
+    relabel_head(model, "head", labels, mapping.get)
+    assert torch.allclose(model.head.weight[0], (old[0] + old[2]) / 2)
+    assert torch.allclose(model.head.weight[1], old[1])
+    assert model.config.id2label == {0: "Vehicle", 1: "Person"}
+
+
+def _dets(boxes: list[list[float]], scores: list[float]) -> Detections:
+    return Detections(
+        torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        torch.tensor(scores, dtype=torch.float32),
+        torch.zeros(len(boxes), dtype=torch.int64),
+    )
+
+
+TRUTHS = [([(10.0, 10.0, 30.0, 30.0)], [0]) for _ in range(6)]
+HIT = [[10.0, 10.0, 30.0, 30.0]]
+MISS = [[60.0, 60.0, 80.0, 80.0]]
+
+
+def test_a_candidate_better_on_every_image_wins_every_draw() -> None:
+    better = [_dets(HIT, [0.9]) for _ in TRUTHS]
+    worse = [_dets(MISS, [0.9]) for _ in TRUTHS]
+    assert paired_bootstrap(better, worse, TRUTHS, 1) == 1.0
+    assert paired_bootstrap(worse, better, TRUTHS, 1) == 0.0
+
+
+def test_a_gain_on_one_image_of_six_is_not_a_sure_gain() -> None:
+    live = [_dets(MISS, [0.9]) for _ in TRUTHS]
+    candidate = [_dets(HIT, [0.9]), *live[1:]]
+    share = paired_bootstrap(candidate, live, TRUTHS, 1, resamples=400)
+    assert 0.5 < share < 0.8  # one image in six is missing from about a third of the draws
+
+
+def test_an_equal_candidate_never_wins() -> None:
+    same = [_dets(HIT, [0.9]) for _ in TRUTHS]
+    assert paired_bootstrap(same, same, TRUTHS, 1) == 0.0
+
+
+def _candidates(candidate: float, live: float, sure: float) -> Candidates:
+    metrics = {
+        "candidate": {"map_50": candidate, "images": 6},
+        "live": {"map_50": live, "images": 6},
+        "bootstrap_better": sure,
+    }
+    return Candidates(detector=object(), metrics=metrics)  # type: ignore[arg-type]
+
+
+def test_the_gate_promotes_a_gain_that_holds_across_the_held_out_images() -> None:
+    settings = make_settings(promote_confidence=0.8)
+    decision = decide(_candidates(0.5, 0.3, 0.95), settings)["detector"]
+    assert decision["promoted"] and "+0.2000" in decision["why"] and "95%" in decision["why"]
+
+
+def test_the_gate_refuses_a_gain_that_one_image_makes() -> None:
+    decision = decide(_candidates(0.5, 0.3, 0.6), make_settings(promote_confidence=0.8))
+    assert not decision["detector"]["promoted"] and "needs 80%" in decision["detector"]["why"]
+
+
+def test_the_gate_refuses_a_loss_however_sure() -> None:
+    assert not decide(_candidates(0.2, 0.3, 0.9), make_settings())["detector"]["promoted"]
+
+
+def test_detector_and_classifier_are_judged_separately() -> None:
+    candidates = _candidates(0.2, 0.3, 0.0)
+    candidates.classifier = object()  # type: ignore[assignment]
+    candidates.metrics.update(candidate_accuracy=0.9, live_accuracy=0.5)
+    decision = decide(candidates, make_settings())
+    assert not decision["detector"]["promoted"] and decision["classifier"]["promoted"]
