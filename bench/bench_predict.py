@@ -11,8 +11,12 @@ three ways:
 3. ``sahi.predict.get_sliced_prediction`` with sahi's transformers adapter around the same
    model and image processor.
 
-    python bench/bench_predict.py                      # 4000x3000, 512 px windows, CPU
-    python bench/bench_predict.py --width 2000 --height 1500 --repeats 2
+Run from the repository root: ``bench`` is a package, and it borrows the tests' helpers as
+``tests.*`` (uvicorn in a thread from ``tests/servers.py``, the scenes from
+``tests/tiny_models.py``, sahi's call from ``tests/sahi_reference.py``)::
+
+    python -m bench.bench_predict                      # 4000x3000, 512 px windows, CPU
+    python -m bench.bench_predict --width 2000 --height 1500 --repeats 2
 
 Prints a table and the ratios; no result is asserted anywhere.
 """
@@ -22,7 +26,6 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -35,18 +38,14 @@ import numpy as np
 import torch
 from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from servers import start_uvicorn, stop_uvicorn  # noqa: E402
-from tiny_models import draw_scene  # noqa: E402
-
-from label_studio_sahi.detector import Detector  # noqa: E402
-from label_studio_sahi.predict import ModelBundle, SliceConfig  # noqa: E402
-from label_studio_sahi.server import create_app  # noqa: E402
-from label_studio_sahi.service import Service  # noqa: E402
-from label_studio_sahi.settings import Settings  # noqa: E402
-from label_studio_sahi.slicing import slice_windows  # noqa: E402
+from label_studio_sahi.detector import Detector
+from label_studio_sahi.predict import ModelBundle, SliceConfig
+from label_studio_sahi.server import create_app
+from label_studio_sahi.service import Service
+from label_studio_sahi.settings import Settings
+from label_studio_sahi.slicing import slice_windows
+from tests.servers import start_uvicorn, stop_uvicorn
+from tests.tiny_models import draw_scene
 
 CONFIG = (
     '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
@@ -114,29 +113,14 @@ def time_forward(detector: Detector, pixels: np.ndarray, cfg: SliceConfig) -> fl
 
 
 def time_sahi(detector: Detector, pixels: np.ndarray, cfg: SliceConfig, threshold: float) -> float:
-    from sahi.models.huggingface import HuggingfaceDetectionModel
-    from sahi.predict import get_sliced_prediction
+    from tests.sahi_reference import (  # sahi only here (--skip-sahi)
+        sahi_model,
+        sahi_sliced_prediction,
+    )
 
-    model = HuggingfaceDetectionModel(
-        model=detector.model,
-        processor=detector.processor,
-        confidence_threshold=threshold,
-        device="cpu",
-    )
+    model = sahi_model(detector, threshold)
     start = time.perf_counter()
-    get_sliced_prediction(
-        pixels,
-        model,
-        slice_height=cfg.slice_height,
-        slice_width=cfg.slice_width,
-        overlap_height_ratio=cfg.overlap_height_ratio,
-        overlap_width_ratio=cfg.overlap_width_ratio,
-        perform_standard_pred=cfg.full_image_pass,
-        postprocess_type=cfg.merge_type,
-        postprocess_match_metric=cfg.merge_metric,
-        postprocess_match_threshold=cfg.merge_threshold,
-        verbose=0,
-    )
+    sahi_sliced_prediction(model, pixels, cfg)
     return time.perf_counter() - start
 
 

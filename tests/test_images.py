@@ -1,35 +1,34 @@
-"""Image loading over real HTTP: URL kinds, tokens, limits and decoding.
+"""Image loading over real HTTP: URL kinds, limits and decoding.
 
-Two small threaded ``http.server`` instances on 127.0.0.1 stand in for Label Studio (its
-file endpoints, the PAT refresh endpoint and the presign redirect) and for another origin
-(a storage bucket / any web server), which records the headers it receives so that the
-tests can prove the token never reaches it.
+The fake Label Studio and the other origin (``http_origins.py``) record the headers they
+receive, so the tests can prove where the token went and that it never reached another
+origin. How the token itself is sent, exchanged and refreshed is in ``test_studio_auth.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
-import json
 import socket
 import struct
-import threading
 import time
-import uuid
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
 import pytest
+from http_origins import (
+    LEGACY,
+    PAT,
+    Servers,
+    assert_secret_free,
+    make_settings,
+    png,
+    running_origins,
+)
 from PIL import Image, ImageFile
-from pydantic import SecretStr
 
 from label_studio_sahi.errors import (
     ImageError,
@@ -40,36 +39,8 @@ from label_studio_sahi.errors import (
     ImageURLError,
 )
 from label_studio_sahi.images import ImageLoader, decode_image, load_local_image
-from label_studio_sahi.settings import Settings
-from label_studio_sahi.studio_auth import (
-    LabelStudioAuth,
-    is_personal_access_token,
-    jwt_claims,
-    same_origin,
-)
-
-LEGACY = "0123456789abcdef0123456789abcdef01234567"
-
-
-def _b64url(data: dict[str, Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
-
-
-def make_jwt(payload: dict[str, Any]) -> str:
-    return f"{_b64url({'alg': 'HS256', 'typ': 'JWT'})}.{_b64url(payload)}.c2lnbmF0dXJl"
-
-
-PAT = make_jwt({"token_type": "refresh", "jti": "pat-1", "user_id": 1})
-OTHER_PAT = make_jwt({"token_type": "refresh", "jti": "revoked", "user_id": 1})
-
 
 # --- images ---------------------------------------------------------------------------
-
-
-def png(width: int = 24, height: int = 16, color: str = "red") -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(out, "PNG")
-    return out.getvalue()
 
 
 def noise_png(size: int = 64) -> bytes:
@@ -110,240 +81,19 @@ def jpeg_with_orientation(width: int, height: int, orientation: int) -> bytes:
     return out.getvalue()
 
 
-# --- the fake servers -----------------------------------------------------------------
-
-
-@dataclass
-class Seen:
-    server: str
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    authorization: str | None
-
-
-@dataclass
-class State:
-    files: dict[str, bytes] = field(default_factory=dict)
-    seen: list[Seen] = field(default_factory=list)
-    valid_access: set[str] = field(default_factory=set)
-    refreshes: int = 0
-    access_lifetime: int = 300
-    refresh_delay: float = 0.0
-    other_url: str = ""
-    streamed_bytes: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def reset(self) -> None:
-        with self.lock:
-            self.files.clear()
-            self.seen.clear()
-            self.valid_access.clear()
-            self.refreshes = 0
-            self.access_lifetime = 300
-            self.refresh_delay = 0.0
-            self.streamed_bytes = 0
-
-    def requests_to(self, server: str) -> list[Seen]:
-        with self.lock:
-            return [s for s in self.seen if s.server == server]
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_role = ""  # "ls" or "other", set per server class
-    state: State
-
-    def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
-        pass
-
-    # helpers
-    def _send(self, code: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
-        self.send_response(code)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _authorized(self) -> bool:
-        header = self.headers.get("Authorization") or ""
-        if header == f"Token {LEGACY}":
-            return True
-        with self.state.lock:
-            return header.startswith("Bearer ") and header[7:] in self.state.valid_access
-
-    def _record(self) -> tuple[str, dict[str, list[str]]]:
-        parts = urlsplit(self.path)
-        query = parse_qs(parts.query)
-        path = unquote(parts.path)
-        with self.state.lock:
-            self.state.seen.append(
-                Seen(
-                    self.server_role,
-                    self.command,
-                    path,
-                    query,
-                    self.headers.get("Authorization"),
-                )
-            )
-        return path, query
-
-    def do_POST(self) -> None:
-        path, _ = self._record()
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.server_role == "ls" and path == "/api/token/refresh":
-            time.sleep(self.state.refresh_delay)
-            if json.loads(body or b"{}").get("refresh") != PAT:
-                self._send(401, b'{"detail": "Token is invalid or expired"}')
-                return
-            now = int(time.time())
-            with self.state.lock:
-                self.state.refreshes += 1
-                access = make_jwt(
-                    {
-                        "token_type": "access",
-                        "iat": now,
-                        "exp": now + self.state.access_lifetime,
-                        "jti": uuid.uuid4().hex,
-                    }
-                )
-                self.state.valid_access.add(access)
-            self._send(200, json.dumps({"access": access}).encode())
-            return
-        self._send(404)
-
-    def do_GET(self) -> None:
-        path, query = self._record()
-        if self.server_role == "other":
-            name = path.removeprefix("/public/")
-            if name in self.state.files:
-                self._send(200, self.state.files[name], {"Content-Type": "image/png"})
-            else:
-                self._send(404)
-            return
-        if path == "/slow":
-            time.sleep(1.0)
-            self._send(200, png())
-            return
-        if path == "/loop":
-            self._send(302, headers={"Location": "/loop"})
-            return
-        if path == "/big-declared":
-            self.send_response(200)
-            self.send_header("Content-Length", str(50 * 2**20))
-            self.end_headers()
-            self._stream_until_refused(50 * 2**20)
-            return
-        if path == "/big-undeclared":
-            self.send_response(200)
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-            self._stream_until_refused(64 * 2**20)
-            return
-        if path == "/short-body":
-            self.send_response(200)
-            self.send_header("Content-Length", "10000")
-            self.end_headers()
-            self.wfile.write(png()[:100])
-            self.close_connection = True
-            return
-        if path.startswith("/status/"):
-            self._send(int(path.removeprefix("/status/")), b"nope")
-            return
-        if not self._authorized():
-            self._send(401, b'{"detail": "Authentication credentials were not provided."}')
-            return
-        if path.startswith("/data/upload/"):
-            name = path.removeprefix("/data/upload/")
-            if name in self.state.files:
-                self._send(200, self.state.files[name], {"Content-Type": "image/png"})
-            else:
-                self._send(404)
-            return
-        if path == "/data/local-files/":
-            name = query.get("d", [""])[0]
-            if name in self.state.files:
-                self._send(200, self.state.files[name])
-            else:
-                self._send(404)
-            return
-        if path.startswith("/redirect-away/"):
-            target = f"{self.state.other_url}/public/{path.removeprefix('/redirect-away/')}"
-            self._send(302, headers={"Location": target})
-            return
-        if path.startswith("/tasks/") and path.endswith("/presign/"):
-            uri = base64.urlsafe_b64decode(query["fileuri"][0]).decode()
-            name = uri.rsplit("/", 1)[-1]
-            target = f"{self.state.other_url}/public/{name}?X-Amz-Signature=s3cr3t"
-            self._send(302, headers={"Location": target})
-            return
-        self._send(404)
-
-    def _stream_until_refused(self, total: int) -> None:
-        block = b"\x00" * 65536
-        sent = 0
-        try:
-            while sent < total:
-                self.wfile.write(block)
-                sent += len(block)
-        except OSError:  # the client hung up: that is what the test wants
-            self.close_connection = True
-        with self.state.lock:
-            self.state.streamed_bytes = sent
-
-
-@dataclass
-class Servers:
-    state: State
-    ls: str
-    other: str
-
-
-def _serve(role: str, state: State) -> tuple[ThreadingHTTPServer, str]:
-    handler = type(f"{role}Handler", (Handler,), {"server_role": role, "state": state})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
+# --- the fake origins -------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def _servers() -> Iterator[Servers]:
-    state = State()
-    ls_server, ls_url = _serve("ls", state)
-    other_server, other_url = _serve("other", state)
-    state.other_url = other_url
-    yield Servers(state, ls_url, other_url)
-    for server in (ls_server, other_server):
-        server.shutdown()
-        server.server_close()
+def _origins() -> Iterator[Servers]:
+    with running_origins() as origins:
+        yield origins
 
 
 @pytest.fixture
-def servers(_servers: Servers, monkeypatch: pytest.MonkeyPatch) -> Servers:
-    _servers.state.reset()
-    # Settings are built explicitly below; no environment variable may leak in.
-    for name in Settings.model_fields:
-        monkeypatch.delenv(name.upper(), raising=False)
-    return _servers
-
-
-def make_settings(
-    ls_url: str | None = None, key: str | None = LEGACY, **overrides: Any
-) -> Settings:
-    return Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        label_studio_url=ls_url,
-        label_studio_api_key=SecretStr(key) if key is not None else None,
-        **overrides,
-    )
-
-
-def assert_secret_free(exc: BaseException, *secrets: str) -> None:
-    for secret in (LEGACY, PAT, *secrets):
-        assert secret not in str(exc)
+def servers(_origins: Servers) -> Servers:
+    _origins.state.reset()
+    return _origins
 
 
 # --- URL kinds --------------------------------------------------------------------------
@@ -449,121 +199,6 @@ def test_unsupported_urls_are_refused_naming_the_problem(
         loader.load(url)
     assert named in str(err.value)
     assert servers.state.seen == []
-
-
-# --- tokens -------------------------------------------------------------------------------
-
-
-def test_personal_access_token_is_exchanged_for_a_cached_bearer_token(servers: Servers) -> None:
-    servers.state.files["1/x.png"] = png()
-    with ImageLoader(make_settings(servers.ls, PAT)) as loader:
-        loader.load("/data/upload/1/x.png")
-        loader.load("/data/upload/1/x.png")
-    assert servers.state.refreshes == 1
-    gets = [s for s in servers.state.requests_to("ls") if s.method == "GET"]
-    (access,) = servers.state.valid_access
-    assert [s.authorization for s in gets] == [f"Bearer {access}"] * 2
-    assert all(PAT not in (s.authorization or "") for s in servers.state.seen)
-
-
-def test_expired_access_token_is_refreshed_before_use(servers: Servers) -> None:
-    servers.state.access_lifetime = 0  # every access token is born expired
-    servers.state.files["1/x.png"] = png()
-    with ImageLoader(make_settings(servers.ls, PAT)) as loader:
-        loader.load("/data/upload/1/x.png")
-        loader.load("/data/upload/1/x.png")
-    assert servers.state.refreshes == 2
-
-
-def test_access_token_refused_with_401_is_refreshed_once_and_retried(servers: Servers) -> None:
-    servers.state.files["1/x.png"] = png()
-    with ImageLoader(make_settings(servers.ls, PAT)) as loader:
-        loader.load("/data/upload/1/x.png")
-        servers.state.valid_access.clear()  # Label Studio revoked it
-        image = loader.load("/data/upload/1/x.png")
-    assert image.size == (24, 16)
-    assert servers.state.refreshes == 2
-    statuses = [(s.method, s.path) for s in servers.state.requests_to("ls")]
-    assert statuses == [
-        ("POST", "/api/token/refresh"),
-        ("GET", "/data/upload/1/x.png"),
-        ("GET", "/data/upload/1/x.png"),  # 401
-        ("POST", "/api/token/refresh"),
-        ("GET", "/data/upload/1/x.png"),
-    ]
-
-
-def test_threads_sharing_a_loader_refresh_the_token_once(servers: Servers) -> None:
-    servers.state.files["1/x.png"] = png()
-    servers.state.refresh_delay = 0.2  # widen the race window
-    with ImageLoader(make_settings(servers.ls, PAT)) as loader, ThreadPoolExecutor(6) as pool:
-        images = list(pool.map(lambda _: loader.load("/data/upload/1/x.png"), range(6)))
-    assert len(images) == 6
-    assert servers.state.refreshes == 1
-
-
-def test_revoked_personal_access_token_error_names_the_setting(servers: Servers) -> None:
-    with (
-        ImageLoader(make_settings(servers.ls, OTHER_PAT)) as loader,
-        pytest.raises(ImageUnreachable) as err,
-    ):
-        loader.load("/data/upload/1/x.png")
-    assert "LABEL_STUDIO_API_KEY" in str(err.value) and "401" in str(err.value)
-    assert_secret_free(err.value, OTHER_PAT)
-
-
-def test_wrong_legacy_token_error_says_the_token_was_refused(servers: Servers) -> None:
-    wrong = "f" * 40
-    with (
-        ImageLoader(make_settings(servers.ls, wrong)) as loader,
-        pytest.raises(ImageUnreachable) as err,
-    ):
-        loader.load("/data/upload/1/x.png")
-    message = str(err.value)
-    assert "refused the token" in message and "LABEL_STUDIO_API_KEY" in message
-    assert_secret_free(err.value, wrong)
-
-
-def test_missing_token_error_asks_for_one(servers: Servers) -> None:
-    with (
-        ImageLoader(make_settings(servers.ls, None)) as loader,
-        pytest.raises(ImageUnreachable) as err,
-    ):
-        loader.load("/data/upload/1/x.png")
-    assert "set LABEL_STUDIO_API_KEY" in str(err.value)
-
-
-def test_auth_never_sends_the_token_to_another_origin_even_client_wide(servers: Servers) -> None:
-    servers.state.files["pic.png"] = png()
-    auth = LabelStudioAuth(PAT, servers.ls)
-    with httpx.Client(auth=auth) as client:
-        assert client.get(f"{servers.other}/public/pic.png").status_code == 200
-    assert [s.authorization for s in servers.state.seen] == [None]
-    assert PAT not in repr(auth)
-
-
-def test_auth_works_with_an_async_client(servers: Servers) -> None:
-    servers.state.files["1/x.png"] = png()
-
-    async def fetch() -> int:
-        async with httpx.AsyncClient(auth=LabelStudioAuth(PAT, servers.ls)) as client:
-            return (await client.get(f"{servers.ls}/data/upload/1/x.png")).status_code
-
-    assert asyncio.run(fetch()) == 200
-    assert servers.state.refreshes == 1
-
-
-def test_token_helpers() -> None:
-    assert is_personal_access_token(PAT)
-    assert not is_personal_access_token(LEGACY)
-    assert jwt_claims(PAT)["jti"] == "pat-1"
-    assert jwt_claims("not.a-jwt.at all") == {}
-    assert same_origin("http://LS:80/a", "http://ls/b")
-    assert same_origin("https://ls/a", "https://ls:443")
-    assert not same_origin("http://ls/a", "https://ls/a")
-    assert not same_origin("http://ls:8080/a", "http://ls:8081/a")
-    assert not same_origin("/data/upload/x", "/data/upload/x")
-    assert not same_origin("http://ls:bad/", "http://ls:bad/")
 
 
 # --- local files ------------------------------------------------------------------------

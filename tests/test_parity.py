@@ -21,50 +21,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from sahi.models.huggingface import HuggingfaceDetectionModel
-from sahi.predict import get_sliced_prediction
+from sahi_reference import sahi_detections
 from test_slicing import assert_same_detections
 from tiny_models import draw_scene
 
 from label_studio_sahi.detector import Detector
 from label_studio_sahi.predict import SliceConfig, sliced_detect
-from label_studio_sahi.slicing import Detections
 
 
 @pytest.fixture(scope="module")
 def scene_pixels() -> np.ndarray:
     # 20 small squares on a 600x450 image: many windows see the same square.
     return np.asarray(draw_scene(600, 450, 20, random.Random(11)).image)
-
-
-def _sahi(detector: Detector, pixels: np.ndarray, cfg: SliceConfig, threshold: float) -> Detections:
-    model = HuggingfaceDetectionModel(
-        model=detector.model,
-        processor=detector.processor,
-        confidence_threshold=threshold,
-        device="cpu",
-    )
-    result = get_sliced_prediction(
-        pixels,
-        model,
-        slice_height=cfg.slice_height,
-        slice_width=cfg.slice_width,
-        overlap_height_ratio=cfg.overlap_height_ratio,
-        overlap_width_ratio=cfg.overlap_width_ratio,
-        perform_standard_pred=cfg.full_image_pass,
-        postprocess_type=cfg.merge_type,
-        postprocess_match_metric=cfg.merge_metric,
-        postprocess_match_threshold=cfg.merge_threshold,
-        postprocess_class_agnostic=cfg.class_agnostic,
-        verbose=0,
-    )
-    preds = result.object_prediction_list
-    return Detections(
-        torch.tensor([p.bbox.to_xyxy() for p in preds], dtype=torch.float32).reshape(-1, 4),
-        torch.tensor([p.score.value for p in preds], dtype=torch.float32),
-        torch.tensor([p.category.id for p in preds], dtype=torch.int64),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +66,7 @@ def test_sliced_boxes_equal_sahis(
         window_batch_size=8,
     )
     ours = sliced_detect(model, scene_pixels, cfg, threshold)
-    theirs = _sahi(model, scene_pixels, cfg, threshold)
+    theirs = sahi_detections(model, scene_pixels, cfg, threshold)
     assert len(theirs) > 5, "the comparison needs boxes to compare"
     assert_same_detections(ours, theirs, score_tol=1e-3)
 
@@ -109,6 +77,6 @@ def test_parity_holds_without_the_full_image_pass_and_class_agnostic(
     cfg = SliceConfig(slice_height=160, slice_width=160, full_image_pass=False, class_agnostic=True)
     assert_same_detections(
         sliced_detect(detector, scene_pixels, cfg, 0.5),
-        _sahi(detector, scene_pixels, cfg, 0.5),
+        sahi_detections(detector, scene_pixels, cfg, 0.5),
         1e-3,
     )
