@@ -29,6 +29,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from label_studio_sahi.predict import SliceConfig, sliced_detect
 from label_studio_sahi.redis_server import EmbeddedRedis, connect
 from label_studio_sahi.registry import Registry
 from label_studio_sahi.settings import Settings
+from label_studio_sahi.slicing import Detections
 from label_studio_sahi.training.evaluate import detection_metrics
 from label_studio_sahi.training.job import EVAL_SCORE_THRESHOLD, JobContext, run_training
 from tests.fake_studio import FakeStudio
@@ -131,9 +133,8 @@ def score(
             for c in found.labels.tolist()
         ]
         keep = [i for i, name in enumerate(labels) if name in tag.labels]
-        found.boxes, found.scores = found.boxes[keep], found.scores[keep]
-        found.labels = found.labels.new_tensor([tag.labels.index(labels[i]) for i in keep])
-        predictions.append(found)
+        mapped = found.labels.new_tensor([tag.labels.index(labels[i]) for i in keep])
+        predictions.append(Detections(found.boxes[keep], found.scores[keep], mapped))
     metrics = detection_metrics(predictions, split.truths, len(tag.labels), split.sizes)
     accept, edit = acceptance_and_edits(predictions, split, threshold)
     return {
@@ -160,6 +161,7 @@ def run_seed(
     overrides: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """Rounds of labels for one seed; a row per round (round 0: the base)."""
+    torch.set_num_threads(1)  # also in a pool's worker process
     rows: list[dict[str, Any]] = []
     redis_server = EmbeddedRedis(work / f"redis-{seed}")
     client = connect(redis_server.start())
@@ -294,16 +296,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # steady on a shared 2-core machine
     overrides: dict[str, Any] = dict(item.split("=", 1) for item in args.set)
+    overrides.setdefault("train_steps", 20 if args.tiny else args.max_steps)
     if args.tiny:
-        overrides.setdefault("train_steps", 20)
         overrides.setdefault("train_min_steps", 20)
     args.out.mkdir(parents=True, exist_ok=True)
     split = test_split(args.test_images)
     rows: list[dict[str, Any]] = []
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ls-sahi-quality-") as tmp:
         base = base_model(args.out / "cache")
-        for seed in args.seeds:
-            rows += run_seed(seed, sorted(args.rounds), split, base, Path(tmp), overrides)
+        rounds = sorted(args.rounds)
+        if args.jobs > 1:
+            with ProcessPoolExecutor(args.jobs) as pool:
+                runs = [pool.submit(run_seed, s, rounds, split, base, Path(tmp), overrides)
+                        for s in args.seeds]  # fmt: skip
+                for run in runs:
+                    rows += run.result()
+        else:
+            for seed in args.seeds:
+                rows += run_seed(seed, rounds, split, base, Path(tmp), overrides)
+    print(f"benchmark wall time {time.monotonic() - started:.0f} s")
     print(table(rows))
     print()
     print(table(medians(rows)))

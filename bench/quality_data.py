@@ -107,7 +107,12 @@ def _overlap(a: Box, b: Box) -> float:
     return w * h / max(1, (a[2] - a[0]) * (a[3] - a[1]))
 
 
-def _ground(rng: random.Random, width: int, height: int) -> np.ndarray:
+GROUND = (116, 120, 104)  # grey-brown soil
+
+
+def _ground(
+    rng: random.Random, width: int, height: int, colour: tuple[int, int, int] = GROUND
+) -> np.ndarray:
     """Textured ground: a smooth colour field, grain, and darker tracks."""
     nrng = np.random.default_rng(rng.randrange(2**31))
     # Mostly brightness (soil, shade) with a faint tint: colour must still tell classes apart.
@@ -117,7 +122,7 @@ def _ground(rng: random.Random, width: int, height: int) -> np.ndarray:
         for c in range(4)
     ]
     field = 18 * smooth[0][..., None] + 5 * np.stack(smooth[1:], axis=-1)
-    base = np.array([116, 120, 104], dtype=np.float32) + field
+    base = np.array(colour, dtype=np.float32) + field
     base += nrng.integers(-26, 27, (height, width, 1)).astype(np.float32)
     return np.clip(base, 0, 255).astype(np.uint8)
 
@@ -144,11 +149,18 @@ def _distractors(rng: random.Random, image: Image.Image, count: int) -> None:
             )
 
 
-def target_scene(seed: int) -> Scene:
-    """One large target-domain image with its objects (seeded: the same seed, the same scene)."""
+def target_scene(
+    seed: int, size: tuple[int, int] | None = None, ground: tuple[int, int, int] = GROUND
+) -> Scene:
+    """One large target-domain image with its objects (seeded: the same seed, the same scene).
+
+    ``size`` and ``ground`` fix what is otherwise drawn (1600x1200 to 2048x1536, soil).
+    """
     rng = random.Random(seed)
     width, height = rng.choice(((1600, 1200), (1800, 1350), (2048, 1536)))
-    image = Image.fromarray(_ground(rng, width, height))
+    if size is not None:
+        width, height = size
+    image = Image.fromarray(_ground(rng, width, height, ground))
     _distractors(rng, image, rng.randint(8, 20))
     pixels = np.array(image)
     boxes: list[Box] = []
