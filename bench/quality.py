@@ -282,6 +282,78 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "recipe (defaults)": {},
+    "no augmentation (grid windows only)": {"train_augment": False},
+    "fixed 300 steps": {"train_min_steps": 300, "train_steps": 300},
+    "no negative windows": {"negative_window_ratio": 0.0},
+    "old recipe (grid, fixed 300 steps)": {
+        "train_augment": False, "train_min_steps": 300, "train_steps": 300,
+    },
+}  # fmt: skip
+
+
+def ablation(
+    seeds: list[int], labels: int, split: TestSplit, base: Path, work: Path,
+    overrides: dict[str, Any], jobs: int,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """One job per variant and seed at ``labels`` labels from the base; the figure that
+    decides is the job's own held-out mAP@.5 of the candidate (never the test split)."""
+    plan = [(name, seed) for name in ABLATIONS for seed in seeds]
+    with ProcessPoolExecutor(jobs) as pool:
+        runs = [
+            pool.submit(run_seed, seed, [labels], split, base, work / f"ablation-{i}",
+                        {**overrides, **ABLATIONS[name]})
+            for i, (name, seed) in enumerate(plan)
+        ]  # fmt: skip
+        rows = []
+        for (name, _), run in zip(plan, runs, strict=True):
+            row = run.result()[-1]
+            rows.append({"variant": name, **row})
+    return rows
+
+
+def sahi_table(seed: int, labels: int, split: TestSplit, base: Path) -> list[dict[str, Any]]:
+    """SAHI's ordering on the same data: fine-tuning on whole images or on slices, then
+    inference on the whole image or sliced. Both fine-tunes bypass the gate (the table
+    compares recipes, not promotions)."""
+    from label_studio_sahi.training.dataset import LabelledTask
+    from label_studio_sahi.training.job import _finetune_detector
+
+    tag = parse_label_config(data.LABEL_CONFIG).rectangles[0]
+    scenes = [data.target_scene(s) for s in data.project_seeds(seed, labels)]
+    train = [
+        LabelledTask(i, f"{i}.png", tuple((data.LABEL_OF[c], tuple(map(float, b)))  # type: ignore[misc]
+                                          for b, c in zip(s.boxes, s.classes, strict=True)),
+                     (), None, None)
+        for i, s in enumerate(scenes)
+    ]  # fmt: skip
+    images = {i: s.image for i, s in enumerate(scenes)}
+    whole = 8192  # one window: the whole image
+    inference = {
+        "full image": SliceConfig(slice_height=whole, slice_width=whole),
+        "sliced (SAHI)": SliceConfig(slice_height=SLICE, slice_width=SLICE),
+    }
+    rows = []
+    base_detector = Detector.load(str(base), device="cpu")
+    for training, size in (("whole images", whole), ("slices (SAHI)", SLICE)):
+        settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            slice_height=size, slice_width=size, device="cpu", train_steps=600,
+            train_augment=size == SLICE,
+        )  # fmt: skip
+        ctx = JobContext(settings, Registry(Path("/nonexistent")))
+        detector, _, windows = _finetune_detector(ctx, base_detector, tag, train, images)
+        for name, slicing in inference.items():
+            rows.append({"fine-tuning on": training, "windows": windows, "inference": name,
+                         **score(detector, tag, split, slicing, settings.score_threshold)})  # fmt: skip
+            print(rows[-1], flush=True)
+    for name, slicing in inference.items():
+        rows.append({"fine-tuning on": "none (base)", "inference": name,
+                     **score(base_detector, tag, split, slicing, 0.3)})  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -291,8 +363,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tiny", action="store_true", help="few steps: checks the path, not quality"
     )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=600,
+        help="TRAIN_STEPS, the cap on steps per job (a CPU budget; default 600)",
+    )
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="seeds run at once, each in its own process on one core")  # fmt: skip
     parser.add_argument("--set", nargs="*", default=[], metavar="SETTING=VALUE",
                         help="settings for the job, e.g. train_augment=false (ablations)")  # fmt: skip
+    parser.add_argument(
+        "--ablation",
+        type=int,
+        metavar="LABELS",
+        help="instead of rounds: each recipe variant at LABELS labels, per seed",
+    )
+    parser.add_argument(
+        "--sahi-table",
+        type=int,
+        metavar="LABELS",
+        help="instead of rounds: whole-image vs sliced fine-tuning x inference",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # steady on a shared 2-core machine
     overrides: dict[str, Any] = dict(item.split("=", 1) for item in args.set)
@@ -305,6 +397,18 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ls-sahi-quality-") as tmp:
         base = base_model(args.out / "cache")
+        if args.ablation or args.sahi_table:
+            extra = (
+                ablation(args.seeds, args.ablation, split, base, Path(tmp), overrides, args.jobs)
+                if args.ablation
+                else sahi_table(args.seeds[0], args.sahi_table, split, base)
+            )
+            name = "ablation" if args.ablation else "sahi_table"
+            (args.out / f"{name}.json").write_text(json.dumps(extra, indent=2, default=str))
+            for row in extra:
+                print(json.dumps(row, default=str))
+            print(f"wall time {time.monotonic() - started:.0f} s")
+            return 0
         rounds = sorted(args.rounds)
         if args.jobs > 1:
             with ProcessPoolExecutor(args.jobs) as pool:
