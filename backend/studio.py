@@ -23,7 +23,7 @@ from label_studio_sahi.errors import BackendError, BadRequest
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.studio_auth import LabelStudioAuth, TokenRefreshError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Seconds to open a connection to Label Studio: it is usually close by, and a host that
 # does not answer within this is down or misconfigured; failing fast says so sooner.
@@ -74,21 +74,22 @@ class StudioResponseError(StudioError):
     code = "label_studio_error"
 
 
-def project_key(project_id: int | str) -> str:
-    """The numeric id of a project as a path segment.
+def project_id(value: int | str) -> str:
+    """A Label Studio project id, normalised: the one place where project ids are parsed.
 
     Accepts an int, a numeric string, or the ``"<id>.<created timestamp>"`` form that Label
-    Studio puts in ``/predict`` requests. Anything else is a :class:`BadRequest`.
+    Studio sends in ``/predict`` requests; returns the number as a string (``"4"``), safe as a
+    path segment, a Redis key part and a folder name. Anything else is a :class:`BadRequest`.
     """
-    if isinstance(project_id, bool):
-        raise BadRequest(f"not a Label Studio project id: {project_id!r}")
-    if isinstance(project_id, int):
-        if project_id < 0:
-            raise BadRequest(f"not a Label Studio project id: {project_id!r}")
-        return str(project_id)
-    head = str(project_id).strip().split(".", 1)[0]
+    if isinstance(value, bool):
+        raise BadRequest(f"not a Label Studio project id: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise BadRequest(f"not a Label Studio project id: {value!r}")
+        return str(value)
+    head = str(value).strip().split(".", 1)[0]
     if not head.isascii() or not head.isdigit():
-        raise BadRequest(f"not a Label Studio project id: {str(project_id)[:40]!r}")
+        raise BadRequest(f"not a Label Studio project id: {str(value)[:40]!r}")
     return str(int(head))
 
 
@@ -164,21 +165,21 @@ class StudioClient:
 
     # --- API --------------------------------------------------------------------------------
 
-    def project(self, project_id: int | str) -> dict[str, Any]:
+    def project(self, project: int | str) -> dict[str, Any]:
         """The project: ``title``, ``label_config``, ``min_annotations_to_start_training``,
         ``start_training_on_annotation_update``, ``model_version``... (GET /api/projects/{id})."""
-        key = project_key(project_id)
+        key = project_id(project)
         data = self._request("GET", f"/api/projects/{key}", what=f"project {key}")
         return _expect(data, dict, f"project {key}")
 
-    def export(self, project_id: int | str, *, all_tasks: bool = False) -> list[dict[str, Any]]:
+    def export(self, project: int | str, *, all_tasks: bool = False) -> list[dict[str, Any]]:
         """The project's tasks in Label Studio's JSON export format.
 
         Each task has ``id``, ``data``, ``annotations`` (``id``, ``result``, ``was_cancelled``,
         ``ground_truth``, ``updated_at``...) and ``predictions``. Only tasks with annotations
         unless ``all_tasks`` (``download_all_tasks=true``).
         """
-        key = project_key(project_id)
+        key = project_id(project)
         params = {"exportType": "JSON"}
         if all_tasks:
             params["download_all_tasks"] = "true"
@@ -187,9 +188,7 @@ class StudioClient:
         )
         return _expect(data, list, f"the export of project {key}")
 
-    def iter_tasks(
-        self, project_id: int | str, *, page_size: int = 100
-    ) -> Iterator[dict[str, Any]]:
+    def iter_tasks(self, project: int | str, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
         """Every task of the project, with annotations and predictions, page by page.
 
         Label Studio answers ``{"tasks": [...], "total": N}`` or a plain list, depending on
@@ -198,7 +197,7 @@ class StudioClient:
         """
         if page_size < 1:
             raise ValueError("page_size must be at least 1")
-        key = project_key(project_id)
+        key = project_id(project)
         seen = 0
         page = 1
         while True:
@@ -300,7 +299,7 @@ class StudioClient:
                 f"lost the connection to Label Studio at {self._host} during {where} "
                 f"({type(exc).__name__})"
             ) from None
-        logger.debug("Label Studio %s -> HTTP %d", where, response.status_code)
+        log.debug("Label Studio %s -> HTTP %d", where, response.status_code)
         self._check_status(response, where, what)
         try:
             return response.json()

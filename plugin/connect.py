@@ -16,12 +16,14 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
 import httpx
+
+# The one piece of the backend the plugin uses: both kinds of Label Studio token.
+from label_studio_sahi.studio_auth import LabelStudioAuth, TokenRefreshError
 
 TEMPLATES = {"boxes": "boxes.xml", "boxes-scenes": "boxes_and_scenes.xml", "classes": "classes.xml"}
 TIMEOUT = httpx.Timeout(30.0, connect=5.0)
@@ -34,35 +36,28 @@ class ConnectError(Exception):
 
 
 def template(name: str) -> str:
-    return (resources.files("plugin") / "templates" / TEMPLATES[name]).read_text()
+    return (resources.files("label_studio_sahi.plugin") / "templates" / TEMPLATES[name]).read_text()
 
 
 class Studio:
-    """The few Label Studio REST calls wiring needs; legacy tokens and personal access tokens."""
+    """The few Label Studio REST calls wiring needs; legacy tokens and personal access tokens
+    (exchanged for short-lived access tokens, refreshed as they expire: ``LabelStudioAuth``)."""
 
     def __init__(self, url: str, api_key: str) -> None:
         self.url = url.rstrip("/")
-        self.api_key = api_key
-        self.client = httpx.Client(base_url=self.url, timeout=TIMEOUT)
-        self._access: tuple[str, float] | None = None
-
-    def _auth(self) -> str:
-        # Personal access tokens are JWT refresh tokens: exchange them for 5-minute access tokens.
-        if not self.api_key.startswith("eyJ"):
-            return f"Token {self.api_key}"
-        if self._access is None or self._access[1] < time.monotonic():
-            answer = self.client.post("/api/token/refresh", json={"refresh": self.api_key})
-            if answer.status_code != 200:
-                raise ConnectError(
-                    f"Label Studio refused the personal access token ({answer.status_code}); check LABEL_STUDIO_API_KEY"
-                )
-            self._access = (answer.json()["access"], time.monotonic() + 240)
-        return f"Bearer {self._access[0]}"
+        try:
+            auth = LabelStudioAuth(api_key, self.url)
+        except ValueError as exc:  # an empty key, or a URL without scheme and host
+            raise ConnectError(f"{exc}; check LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY") from None
+        self.client = httpx.Client(base_url=self.url, timeout=TIMEOUT, auth=auth)
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        answer = self.client.request(
-            method, path, headers={"Authorization": self._auth()}, **kwargs
-        )
+        try:
+            answer = self.client.request(method, path, **kwargs)
+        except TokenRefreshError as exc:
+            raise ConnectError(
+                f"Label Studio refused the personal access token ({exc.response.status_code}); check LABEL_STUDIO_API_KEY"
+            ) from None
         if answer.status_code in (401, 403):
             raise ConnectError(
                 f"Label Studio refused the token on {path} ({answer.status_code}); check LABEL_STUDIO_API_KEY"

@@ -7,9 +7,10 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from fake_studio import FakeStudio
+from fake_studio import FakeStudio, make_jwt
 
 from label_studio_sahi.errors import BackendError, BadRequest
+from label_studio_sahi.plugin.connect import ConnectError, Studio
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.studio import (
     CONNECT_TIMEOUT_S,
@@ -19,7 +20,7 @@ from label_studio_sahi.studio import (
     StudioError,
     StudioNotFound,
     StudioResponseError,
-    project_key,
+    project_id,
 )
 
 CONFIG = '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image"><Label value="car"/></RectangleLabels></View>'
@@ -235,10 +236,51 @@ def test_timeouts_and_odd_answers() -> None:
             client.project(5)
 
 
-@pytest.mark.parametrize("bad", ["../1", "", "abc", -1, True, "1/export"])
+@pytest.mark.parametrize("bad", ["../1", "", "abc", -1, True, "1/export", "٣"])
 def test_project_ids_are_checked(bad: object) -> None:
     with pytest.raises(BadRequest):
-        project_key(bad)  # type: ignore[arg-type]
+        project_id(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"), [(4, "4"), ("4", "4"), ("4.1700000000", "4"), (" 07 ", "7")]
+)
+def test_project_ids_in_every_form_label_studio_sends(given: int | str, expected: str) -> None:
+    assert project_id(given) == expected
+
+
+@pytest.mark.parametrize("kind", ["legacy", "pat"])
+def test_connect_plugin_authenticates_with_either_token(fake: FakeStudio, kind: str) -> None:
+    studio = Studio(fake.url, fake.legacy_token if kind == "legacy" else fake.pat)
+    before = len(fake.requests)
+    assert studio.call("GET", "/api/current-user/whoami")["id"] == 1
+    assert studio.call("GET", "/api/projects/1")["title"] == "cars"
+    sent = [(r.path, r.auth) for r in fake.requests[before:]]
+    if kind == "legacy":
+        assert sent == [("/api/current-user/whoami", "legacy"), ("/api/projects/1", "legacy")]
+    else:  # the PAT is exchanged once, and the access token reused
+        assert sent == [
+            ("/api/token/refresh", "none"),
+            ("/api/current-user/whoami", "bearer"),
+            ("/api/projects/1", "bearer"),
+        ]
+    fake.expire_access_tokens()
+    assert studio.call("GET", "/api/current-user/whoami")["id"] == 1  # PAT: refreshed once
+
+
+def test_connect_plugin_says_which_token_was_refused(fake: FakeStudio) -> None:
+    revoked = make_jwt({"token_type": "refresh", "jti": "revoked", "user_id": 1})
+    with pytest.raises(ConnectError) as info:
+        Studio(fake.url, revoked).call("GET", "/api/current-user/whoami")
+    assert str(info.value) == (
+        "Label Studio refused the personal access token (401); check LABEL_STUDIO_API_KEY"
+    )
+    with pytest.raises(
+        ConnectError, match=r"refused the token on /api/current-user/whoami \(401\)"
+    ):
+        Studio(fake.url, "0" * 40).call("GET", "/api/current-user/whoami")
+    with pytest.raises(ConnectError, match="LABEL_STUDIO_URL"):
+        Studio("localhost:8080", fake.legacy_token)
 
 
 def test_fake_serves_uploads_only_with_a_token(fake: FakeStudio) -> None:
