@@ -2,20 +2,25 @@
 
 ls-sahi serve                       # the ML backend on $PORT (9090)
 ls-sahi predict big.jpg --slice 512 --overlap 0.2
+ls-sahi predict a.jpg b.jpg | jq    # piped: one JSON object per line
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from label_studio_sahi.errors import BackendError
 from label_studio_sahi.settings import Settings
+from label_studio_sahi.studio import project_id
+
+log = logging.getLogger(__name__)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -36,6 +41,15 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)  # type: ignore[arg-type]
 
 
+def _log_settings(settings: Settings) -> None:
+    """The effective settings, once at start, as ``key=value`` (secrets redacted)."""
+    pairs = (
+        f"{key}={json.dumps(value, default=str, separators=(',', ':'))}"
+        for key, value in settings.redacted.items()
+    )
+    log.info("settings %s", " ".join(pairs))
+
+
 def _redis(settings: Settings) -> tuple[str, Any, Any]:
     """``(url, client, embedded server or None)`` for REDIS_URL or the embedded Redis."""
     from label_studio_sahi.redis_server import connect, ensure_redis
@@ -53,6 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logs.configure(settings.log_level)
+    _log_settings(settings)
     url, client, _server = _redis(settings)
     if settings.workers > 1:
         # Each worker process builds its own app (and loads the models once); they share
@@ -78,6 +93,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logs.configure(settings.log_level)
+    _log_settings(settings)
     _url, client, _server = _redis(settings)
     queues = [settings.train_queue, settings.predict_queue]
     interval = settings.worker_maintenance_interval
@@ -125,11 +141,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from label_studio_sahi.trigger import TrainingTrigger
 
+    project = project_id(args.project)
     settings = _settings(args)
     _url, client, _server = _redis(settings)
-    job = TrainingTrigger(client, settings).enqueue(
-        str(args.project), reason="command line", delay=0
-    )
+    job = TrainingTrigger(client, settings).enqueue(project, reason="command line", delay=0)
     print(json.dumps({"job": job.id, "status": str(job.get_status())}))
     return 0
 
@@ -139,12 +154,13 @@ def cmd_predict_project(args: argparse.Namespace) -> int:
 
     from label_studio_sahi.bulk_predict import enqueue_bulk, job_progress
 
+    project = project_id(args.project)
     settings = _settings(args)
     _url, client, _server = _redis(settings)
-    job = enqueue_bulk(client, settings, str(args.project), only_missing=not args.all)
+    job = enqueue_bulk(client, settings, project, only_missing=not args.all)
     print(json.dumps({"job": job.id, "status": str(job.get_status())}), flush=True)
     while args.wait:
-        progress = job_progress(client, str(args.project))
+        progress = job_progress(client, project)
         print(json.dumps(progress), flush=True)
         if progress["status"] in ("finished", "failed", "stopped", "canceled"):
             return 0 if progress["status"] == "finished" else 1
@@ -155,12 +171,13 @@ def cmd_predict_project(args: argparse.Namespace) -> int:
 def cmd_versions(args: argparse.Namespace) -> int:
     from label_studio_sahi.registry import Registry
 
+    project = project_id(args.project)
     settings = _settings(args)
     _url, client, _server = _redis(settings)
     registry = Registry.for_settings(settings, client)
-    live = registry.live(str(args.project))
+    live = registry.live(project)
     rows = []
-    for version in registry.versions(str(args.project)):
+    for version in registry.versions(project):
         candidate = (version.meta.get("metrics") or {}).get("candidate") or {}
         rows.append(
             {
@@ -174,45 +191,26 @@ def cmd_versions(args: argparse.Namespace) -> int:
                 "map_50": candidate.get("map_50"),
             }
         )
-    print(
-        json.dumps(
-            {"project": str(args.project), "live": live or "base", "versions": rows}, indent=2
-        )
-    )
+    print(json.dumps({"project": project, "live": live or "base", "versions": rows}, indent=2))
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     from label_studio_sahi.registry import Registry
 
+    project = project_id(args.project)
     settings = _settings(args)
     _url, client, _server = _redis(settings)
     registry = Registry.for_settings(settings, client)
-    target = (
-        None
-        if args.version in ("base", "none")
-        else registry.get(str(args.project), args.version).name
-    )
-    registry.set_live(str(args.project), target)
-    print(json.dumps({"project": str(args.project), "live": target or "base"}))
+    target = None if args.version in ("base", "none") else registry.get(project, args.version).name
+    registry.set_live(project, target)
+    print(json.dumps({"project": project, "live": target or "base"}))
     return 0
-
-
-def default_label_config(detector_classes: Sequence[str], classifier_classes: Sequence[str]) -> str:
-    """A config naming every model class, for predicting without a Label Studio project."""
-    labels = "".join(f'<Label value="{name}"/>' for name in detector_classes)
-    choices = "".join(f'<Choice value="{name}"/>' for name in classifier_classes)
-    parts = ['<View><Image name="image" value="$image"/>']
-    if labels:
-        parts.append(f'<RectangleLabels name="label" toName="image">{labels}</RectangleLabels>')
-    if choices:
-        parts.append(f'<Choices name="class" toName="image">{choices}</Choices>')
-    return "".join(parts) + "</View>"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from label_studio_sahi.images import load_local_image
-    from label_studio_sahi.labeling import parse_label_config
+    from label_studio_sahi.labeling import default_label_config, parse_label_config
     from label_studio_sahi.models import load_base_bundle
     from label_studio_sahi.predict import Predictor
 
@@ -227,7 +225,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
     config = parse_label_config(xml)
     predictor = Predictor(bundle, settings, lambda url, _task: load_local_image(url, settings))
+    lines = args.jsonl or not sys.stdout.isatty()
     failed = 0
+    records: list[dict[str, Any]] = []
     try:
         for path in args.images:
             prediction = predictor.predict_task(
@@ -236,10 +236,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
             record = {"image": path, **prediction.to_json()}
             if prediction.error is not None:
                 failed += 1
-            print(json.dumps(record) if args.jsonl else json.dumps(record, indent=2))
+            if lines:
+                print_records([record], sys.stdout, lines=True)  # each as soon as it is done
+            else:
+                records.append(record)
     finally:
         predictor.close()
+    if not lines:
+        print_records(records, sys.stdout, lines=False)
     return 1 if failed else 0
+
+
+def print_records(records: Sequence[dict[str, Any]], out: TextIO, *, lines: bool) -> None:
+    """JSON lines (one compact object per line: for pipes, ``jq``, ``grep``) or, for people
+    at a terminal, one indented JSON array. Either way the output as a whole parses."""
+    if lines:
+        for record in records:
+            out.write(json.dumps(record) + "\n")
+    else:
+        out.write(json.dumps(list(records), indent=2) + "\n")
+    out.flush()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,7 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--no-full-image", action="store_true", help="skip the whole-image pass")
     predict.add_argument("--label-config", help="a Label Studio labeling config (XML file)")
-    predict.add_argument("--jsonl", action="store_true", help="one JSON object per line")
+    predict.add_argument(
+        "--jsonl",
+        action="store_true",
+        help="one JSON object per line (the default when stdout is not a terminal); "
+        "on a terminal the output is one JSON array",
+    )
     predict.set_defaults(func=cmd_predict)
 
     worker = sub.add_parser("worker", help="run an rq worker for fine-tuning and bulk prediction")

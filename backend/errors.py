@@ -21,6 +21,21 @@ class BackendError(Exception):
         return {"error": self.code, "detail": self.message, "status_code": self.status}
 
 
+class InternalError(BackendError):
+    """A bug or an unforeseen failure; the detail names the exception type, the log the rest."""
+
+
+class HTTPError(BackendError):
+    """An HTTP-level error of the web framework itself: an unknown route (404), a wrong method
+    (405). Its status is the framework's."""
+
+    code = "http_error"
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class BadRequest(BackendError):
     """The request itself is malformed (not JSON, missing fields, too many tasks)."""
 

@@ -1,6 +1,8 @@
 """Turn the image URL of a Label Studio task into a checked RGB ``PIL.Image``.
 
-Task data holds URLs of several kinds (see PROTOCOL.md, "Images"):
+Label Studio's ML backend contract sends tasks as they are stored: the image is a URL in the
+task's ``data`` under the key the labeling config's ``<Image value="$key">`` names, and the
+backend must fetch the bytes itself. These URLs come in several kinds:
 
 * ``/data/upload/...`` and other ``/data/...`` paths: files served by Label Studio itself,
   fetched from ``LABEL_STUDIO_URL`` with the API token;
@@ -46,7 +48,7 @@ from label_studio_sahi.errors import (
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.studio_auth import LabelStudioAuth, TokenRefreshError, same_origin
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 CLOUD_SCHEMES = frozenset({"s3", "gs", "gcs", "azure-blob"})
 LOCAL_FILES_PATH = "/data/local-files"
@@ -181,7 +183,7 @@ def _apply_exif_orientation(image: Image.Image) -> None:
     try:
         ImageOps.exif_transpose(image, in_place=True)
     except Exception as exc:
-        logger.debug("ignoring an unreadable EXIF orientation: %s", exc)
+        log.debug("ignoring an unreadable EXIF orientation: %s", exc)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -468,7 +470,7 @@ class ImageLoader:
         limit = self._settings.max_image_bytes
         where = _shown(original, keep_query=ls)
         auth = self._auth if ls else None
-        logger.debug("fetching image %s", where)
+        log.debug("fetching image %s", where)
         try:
             with self._client.stream(
                 "GET",

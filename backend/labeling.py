@@ -9,9 +9,10 @@ its labels, following the ecosystem's conventions:
 * ``<Label value="Vehicle" predicted_values="car,truck"/>`` maps the listed classes to it;
 * ``<Label value="Person" alias="pedestrian"/>`` maps the alias to it.
 
-The result builders produce dicts exactly in Label Studio's format (coordinates in percent
-of the original image), and ``annotation_boxes`` / ``annotation_choices`` go the other way
-for training.
+``default_label_config`` builds a config from a model's class names (``ls-sahi predict``
+without a project). The result builders produce dicts exactly in Label Studio's format
+(coordinates in percent of the original image), and ``annotation_boxes`` /
+``annotation_choices`` go the other way for training.
 
 Configs come from the network (``/predict`` and webhooks carry them), so they are parsed
 with ``defusedxml``: entity declarations (billion laughs) and external references are
@@ -28,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, SupportsFloat
 from xml.etree.ElementTree import Element, ParseError
+from xml.sax.saxutils import quoteattr
 
 import defusedxml
 import defusedxml.ElementTree as DefusedET
@@ -40,6 +42,7 @@ __all__ = [
     "annotation_boxes",
     "annotation_choices",
     "choices_result",
+    "default_label_config",
     "parse_label_config",
     "rectangle_result",
 ]
@@ -289,6 +292,33 @@ def parse_label_config(xml: str) -> LabelConfig:
     if duplicates:
         raise LabelConfigError(f"control tag names must be unique; repeated: {duplicates}")
     return LabelConfig(rectangles=tuple(rectangles), choices=tuple(choices))
+
+
+# --------------------------------------------------------------------------- building
+
+
+def default_label_config(detector_classes: Sequence[str], classifier_classes: Sequence[str]) -> str:
+    """A config naming every model class, for predicting without a Label Studio project.
+
+    Boxes (``<RectangleLabels name="label">``) for the detector's classes and a single
+    choice (``<Choices name="class">``) for the classifier's, both on ``$image``. Class
+    names are XML-escaped, so any name round-trips through :func:`parse_label_config`;
+    blank names (which no label can have) and repeats are left out.
+    """
+    labels = "".join(f"<Label value={quoteattr(name)}/>" for name in _label_names(detector_classes))
+    choices = "".join(
+        f"<Choice value={quoteattr(name)}/>" for name in _label_names(classifier_classes)
+    )
+    parts = ['<View><Image name="image" value="$image"/>']
+    if labels:
+        parts.append(f'<RectangleLabels name="label" toName="image">{labels}</RectangleLabels>')
+    if choices:
+        parts.append(f'<Choices name="class" toName="image">{choices}</Choices>')
+    return "".join(parts) + "</View>"
+
+
+def _label_names(classes: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(name for name in classes if name.strip()))
 
 
 # --------------------------------------------------------------------------- results

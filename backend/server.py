@@ -1,8 +1,13 @@
 """HTTP routes of Label Studio's ML backend contract; thin: parsing, errors, metrics.
 
 Routes: ``GET /`` and ``/health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``,
-``GET /versions``, ``GET /metrics``. Every error is JSON ``{"error", "detail",
-"status_code"}`` with a 4xx/5xx status; one bad task never fails the batch.
+``POST /bulk-predict``, ``GET /bulk-predict/{project}``, ``GET /versions``, ``GET /metrics``.
+Every error is a :class:`BackendError` answered as JSON ``{"error", "detail", "status_code"}``
+with a 4xx/5xx status; one bad task never fails the batch.
+
+Route handlers are module-level functions on :data:`router`; they find the process's
+:class:`Service`, settings and request limiter on ``request.app.state`` (set by
+:func:`create_app`).
 """
 
 from __future__ import annotations
@@ -12,12 +17,12 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
@@ -25,16 +30,28 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from label_studio_sahi import __version__, metrics
 from label_studio_sahi.bulk_predict import enqueue_bulk, job_progress
-from label_studio_sahi.errors import BackendError, BadRequest, RequestTooLarge, Unauthorized
+from label_studio_sahi.errors import (
+    BackendError,
+    BadRequest,
+    HTTPError,
+    InternalError,
+    RequestTooLarge,
+    Unauthorized,
+)
 from label_studio_sahi.labeling import parse_label_config
+from label_studio_sahi.predict import TaskPrediction
 from label_studio_sahi.redis_server import connect, ensure_redis
 from label_studio_sahi.service import Service
 from label_studio_sahi.settings import Settings, get_settings
+from label_studio_sahi.studio import project_id
 
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "SahiDetrBackend"
 OPEN_ROUTES = {"/", "/health", "/metrics"}
+NEEDS_REDIS = "bulk predictions need Redis and a worker (REDIS_URL, ls-sahi worker)"
+
+router = APIRouter()
 
 
 class PredictRequest(BaseModel):
@@ -64,11 +81,119 @@ class SetupRequest(BaseModel):
         return cls.model_validate(body)
 
 
-def project_id(value: str | int | None) -> str | None:
-    """Label Studio sends ``"<id>.<created timestamp>"`` in /predict and ``<id>`` elsewhere."""
-    if value is None or value == "":
-        return None
-    return str(value).split(".", 1)[0]
+# --------------------------------------------------------------------------- app
+
+
+def create_app(settings: Settings | None = None, service: Service | None = None) -> FastAPI:
+    """The ASGI app. Models load here, once per process, unless a ``service`` is given."""
+    settings = settings or get_settings()
+    if service is None:
+        url, _ = ensure_redis(settings.redis_url, settings.model_dir)
+        service = Service.from_settings(settings, connect(url))
+    app = FastAPI(title="label-studio-sahi", version=__version__, lifespan=_lifespan)
+    app.state.settings = settings
+    app.state.service = service
+    # Concurrent /predict requests per process; the rest wait (Label Studio retries nothing).
+    app.state.limiter = anyio.CapacityLimiter(settings.threads)
+    app.middleware("http")(_observe)
+    app.exception_handler(BackendError)(_backend_error)
+    app.exception_handler(ValidationError)(_validation_error)
+    app.exception_handler(StarletteHTTPException)(_http_error)
+    app.exception_handler(Exception)(_unexpected_error)
+    app.include_router(router)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    service = app.state.service
+    service.start()
+    yield
+    service.close()
+
+
+def _service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _optional_project(value: str | int | None) -> str | None:
+    """A request's project id; ``None`` when it names none."""
+    return None if value is None or value == "" else project_id(value)
+
+
+# --------------------------------------------------------------------------- middleware
+
+
+async def _observe(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    """Basic auth, then the route; every request counted, timed and logged (never its body)."""
+    route = request.url.path
+    start = time.perf_counter()
+    try:
+        _check_basic_auth(request, _settings(request))
+        response = await call_next(request)
+    except BackendError as exc:
+        response = error_response(exc)
+    elapsed = time.perf_counter() - start
+    metrics.REQUESTS.labels(route=route, status=str(response.status_code)).inc()
+    metrics.REQUEST_SECONDS.labels(route=route).observe(elapsed)
+    log.info(
+        "request method=%s route=%s status=%s seconds=%.3f",
+        request.method,
+        route,
+        response.status_code,
+        elapsed,
+    )
+    return response
+
+
+def _check_basic_auth(request: Request, settings: Settings) -> None:
+    if not settings.basic_auth_user or request.url.path in OPEN_ROUTES:
+        return
+    password = settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass else ""
+    expected = f"{settings.basic_auth_user}:{password}"
+    header = request.headers.get("authorization", "")
+    given = ""
+    if header.lower().startswith("basic "):
+        try:
+            given = base64.b64decode(header[6:]).decode()
+        except ValueError:
+            given = ""
+    if not secrets.compare_digest(given.encode(), expected.encode()):
+        raise Unauthorized("basic auth required (BASIC_AUTH_USER / BASIC_AUTH_PASS are set)")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def error_response(exc: BackendError) -> JSONResponse:
+    """The JSON answer for an error: ``{"error", "detail", "status_code"}`` with its status."""
+    return JSONResponse(exc.to_json(), status_code=exc.status)
+
+
+async def _backend_error(_: Request, exc: BackendError) -> JSONResponse:
+    return error_response(exc)
+
+
+async def _validation_error(_: Request, exc: ValidationError) -> JSONResponse:
+    return error_response(BadRequest(_validation_message(exc)))
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Starlette's own: an unknown route (404), a wrong method (405).
+    return error_response(HTTPError(str(exc.detail), status=exc.status_code))
+
+
+async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled_error type=%s", type(exc).__name__)
+    return error_response(InternalError(f"{type(exc).__name__}: see the server log"))
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -77,6 +202,9 @@ def _validation_message(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in err["loc"]) or "body"
         parts.append(f"{where}: {err['msg']}")
     return "invalid request: " + "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- body
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -99,170 +227,115 @@ async def read_json(request: Request, limit: int) -> Any:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
 
 
-def _check_basic_auth(request: Request, settings: Settings) -> None:
-    if not settings.basic_auth_user or request.url.path in OPEN_ROUTES:
-        return
-    expected = f"{settings.basic_auth_user}:{settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass else ''}"
-    header = request.headers.get("authorization", "")
-    given = ""
-    if header.lower().startswith("basic "):
-        try:
-            given = base64.b64decode(header[6:]).decode()
-        except ValueError:
-            given = ""
-    if not secrets.compare_digest(given.encode(), expected.encode()):
-        raise Unauthorized("basic auth required (BASIC_AUTH_USER / BASIC_AUTH_PASS are set)")
+async def _body(request: Request) -> Any:
+    return await read_json(request, _settings(request).max_request_bytes)
 
 
-def create_app(settings: Settings | None = None, service: Service | None = None) -> FastAPI:
-    """The ASGI app. Models load here, once per process, unless a ``service`` is given."""
-    settings = settings or get_settings()
-    if service is None:
-        url, _ = ensure_redis(settings.redis_url, settings.model_dir)
-        service = Service.from_settings(settings, connect(url))
-    # Concurrent /predict requests per process; the rest wait (Label Studio retries nothing).
-    limiter = anyio.CapacityLimiter(settings.threads)
+# --------------------------------------------------------------------------- routes
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> Any:
-        service.start()
-        yield
-        service.close()
 
-    app = FastAPI(title="label-studio-sahi", version=__version__, lifespan=lifespan)
-    app.state.service = service
+@router.get("/")
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    version = _service(request).base_version
+    return {"status": "UP", "model_class": MODEL_CLASS, "model_version": version}
 
-    @app.middleware("http")
-    async def observe(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        route = request.url.path
-        start = time.perf_counter()
-        try:
-            _check_basic_auth(request, settings)
-            response = await call_next(request)
-        except BackendError as exc:
-            response = JSONResponse(exc.to_json(), status_code=exc.status)
-        elapsed = time.perf_counter() - start
-        metrics.REQUESTS.labels(route=route, status=str(response.status_code)).inc()
-        metrics.REQUEST_SECONDS.labels(route=route).observe(elapsed)
-        log.info(
-            "request method=%s route=%s status=%s seconds=%.3f",
-            request.method,
-            route,
-            response.status_code,
-            elapsed,
+
+@router.post("/setup")
+async def setup(request: Request) -> dict[str, Any]:
+    body = SetupRequest.parse(await _body(request))
+    service = _service(request)
+    project = _optional_project(body.project)
+    if body.schema_:
+        # Parse now so that an unusable config is reported when the backend is connected.
+        service.remember_config(project, parse_label_config(body.schema_))
+    return {"model_version": service.version_for(project)}
+
+
+@router.post("/predict")
+async def predict(request: Request) -> JSONResponse:
+    body = PredictRequest.model_validate(await _body(request))
+    service, settings = _service(request), _settings(request)
+    if len(body.tasks) > settings.max_tasks_per_request:
+        raise RequestTooLarge(
+            f"{len(body.tasks)} tasks in one request, above MAX_TASKS_PER_REQUEST={settings.max_tasks_per_request}"
         )
-        return response
-
-    @app.exception_handler(BackendError)
-    async def backend_error(_: Request, exc: BackendError) -> JSONResponse:
-        return JSONResponse(exc.to_json(), status_code=exc.status)
-
-    @app.exception_handler(ValidationError)
-    async def validation_error(_: Request, exc: ValidationError) -> JSONResponse:
-        err = BadRequest(_validation_message(exc))
-        return JSONResponse(err.to_json(), status_code=err.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
-            {"error": "http_error", "detail": str(exc.detail), "status_code": exc.status_code},
-            status_code=exc.status_code,
+    project = _optional_project(body.project)
+    config = (
+        parse_label_config(body.label_config) if body.label_config else service.config_for(project)
+    )
+    if config is None:
+        raise BadRequest(
+            "no label_config in the request and none known for this project (call /setup first)"
         )
+    predictor = service.predictor_for(project)
+    predictions = await anyio.to_thread.run_sync(
+        predictor.predict_tasks, body.tasks, config, limiter=request.app.state.limiter
+    )
+    metrics.TASKS.inc(len(predictions))
+    return _predict_answer(body.tasks, predictions, predictor.bundle.version)
 
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled_error type=%s", type(exc).__name__)
-        return JSONResponse(
-            {
-                "error": "internal_error",
-                "detail": f"{type(exc).__name__}: see the server log",
-                "status_code": 500,
-            },
-            status_code=500,
-        )
 
-    @app.get("/")
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "UP", "model_class": MODEL_CLASS, "model_version": service.base_version}
+def _predict_answer(
+    tasks: list[dict[str, Any]], predictions: list[TaskPrediction], version: str
+) -> JSONResponse:
+    """One result per task, the failed ones also listed in ``errors``.
 
-    @app.post("/setup")
-    async def setup(request: Request) -> dict[str, Any]:
-        body = SetupRequest.parse(await read_json(request, settings.max_request_bytes))
-        project = project_id(body.project)
-        if body.schema_:
-            # Parse now so that an unusable config is reported when the backend is connected.
-            service.remember_config(project, parse_label_config(body.schema_))
-        return {"model_version": service.version_for(project)}
+    A batch where some tasks worked is a 200; when nothing could be predicted, the status
+    (and the top-level error fields) are the first error's.
+    """
+    errors = [
+        {"index": i, "task": task.get("id"), **p.error.to_json()}
+        for i, (task, p) in enumerate(zip(tasks, predictions, strict=True))
+        if p.error is not None
+    ]
+    answer = {
+        "results": [p.to_json() for p in predictions],
+        "model_version": version,
+        "errors": errors,
+    }
+    failed = [p.error for p in predictions if p.error is not None]
+    if failed and len(failed) == len(predictions):
+        return JSONResponse({**failed[0].to_json(), **answer}, status_code=failed[0].status)
+    return JSONResponse(answer)
 
-    @app.post("/predict")
-    async def predict(request: Request) -> JSONResponse:
-        body = PredictRequest.model_validate(await read_json(request, settings.max_request_bytes))
-        if len(body.tasks) > settings.max_tasks_per_request:
-            raise RequestTooLarge(
-                f"{len(body.tasks)} tasks in one request, above MAX_TASKS_PER_REQUEST={settings.max_tasks_per_request}"
-            )
-        project = project_id(body.project)
-        config = (
-            parse_label_config(body.label_config)
-            if body.label_config
-            else service.config_for(project)
-        )
-        if config is None:
-            raise BadRequest(
-                "no label_config in the request and none known for this project (call /setup first)"
-            )
-        predictor = service.predictor_for(project)
-        predictions = await anyio.to_thread.run_sync(
-            predictor.predict_tasks, body.tasks, config, limiter=limiter
-        )
-        metrics.TASKS.inc(len(predictions))
-        results = [p.to_json() for p in predictions]
-        errors = [
-            {"index": i, "task": task.get("id"), **(p.error.to_json())}
-            for i, (task, p) in enumerate(zip(body.tasks, predictions, strict=True))
-            if p.error is not None
-        ]
-        answer = {"results": results, "model_version": predictor.bundle.version, "errors": errors}
-        failed = [p.error for p in predictions if p.error is not None]
-        if failed and len(failed) == len(predictions):
-            # Nothing could be predicted: say why with the first error's status. A batch
-            # where some tasks worked is a 200, with the failures listed per task.
-            return JSONResponse({**failed[0].to_json(), **answer}, status_code=failed[0].status)
-        return JSONResponse(answer)
 
-    @app.post("/webhook")
-    async def webhook(request: Request) -> JSONResponse:
-        body = await read_json(request, settings.max_request_bytes)
-        action = body.get("action") if isinstance(body, dict) else None
-        status, answer = service.on_webhook(body if isinstance(body, dict) else {})
-        log.info("webhook action=%s answer=%s", action, answer.get("status"))
-        return JSONResponse(answer, status_code=status)
+@router.post("/webhook")
+async def webhook(request: Request) -> JSONResponse:
+    body = await _body(request)
+    event = body if isinstance(body, dict) else {}
+    status, answer = _service(request).on_webhook(event)
+    log.info("webhook action=%s answer=%s", event.get("action"), answer.get("status"))
+    return JSONResponse(answer, status_code=status)
 
-    @app.post("/bulk-predict")
-    async def bulk_predict(request: Request) -> JSONResponse:
-        body = BulkRequest.model_validate(await read_json(request, settings.max_request_bytes))
-        if service.redis is None:
-            raise BadRequest("bulk predictions need Redis and a worker (REDIS_URL, ls-sahi worker)")
-        job = enqueue_bulk(service.redis, settings, str(body.project), body.only_missing)
-        return JSONResponse(
-            {"job": job.id, "status": str(job.get_status(refresh=False))}, status_code=202
-        )
 
-    @app.get("/bulk-predict/{project}")
-    async def bulk_progress(project: str) -> dict[str, Any]:
-        if service.redis is None:
-            raise BadRequest("bulk predictions need Redis and a worker (REDIS_URL, ls-sahi worker)")
-        return job_progress(service.redis, project)
+@router.post("/bulk-predict")
+async def bulk_predict(request: Request) -> JSONResponse:
+    body = BulkRequest.model_validate(await _body(request))
+    service = _service(request)
+    if service.redis is None:
+        raise BadRequest(NEEDS_REDIS)
+    job = enqueue_bulk(
+        service.redis, _settings(request), project_id(body.project), body.only_missing
+    )
+    return JSONResponse(
+        {"job": job.id, "status": str(job.get_status(refresh=False))}, status_code=202
+    )
 
-    @app.get("/versions")
-    async def versions(project: str | None = None) -> dict[str, Any]:
-        return {"versions": service.versions(project_id(project))}
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+@router.get("/bulk-predict/{project}")
+async def bulk_progress(request: Request, project: str) -> dict[str, Any]:
+    service = _service(request)
+    if service.redis is None:
+        raise BadRequest(NEEDS_REDIS)
+    return job_progress(service.redis, project_id(project))
 
-    return app
+
+@router.get("/versions")
+async def versions(request: Request, project: str | None = None) -> dict[str, Any]:
+    return {"versions": _service(request).versions(_optional_project(project))}
+
+
+@router.get("/metrics")
+async def prometheus() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

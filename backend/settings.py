@@ -16,6 +16,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from label_studio_sahi import names
 
+# How boxes found in overlapping windows are merged (sahi's names; slicing.py implements
+# them): non-maximum suppression, non-maximum merging, greedy NMM; and the overlap measure,
+# intersection over union or over the smaller box. Defined here, free of torch, so that
+# settings never import the geometry.
 MergeType = Literal["NMS", "NMM", "GREEDYNMM"]
 MatchMetric = Literal["IOU", "IOS"]
 
@@ -207,8 +211,24 @@ class Settings(BaseSettings):
 
     @property
     def redacted(self) -> dict[str, object]:
-        """Settings as a dict safe to log: secrets appear as '**********'."""
-        return {k: ("**********" if isinstance(v, SecretStr) else v) for k, v in self}
+        """Settings as a dict safe to log: secrets (the API key, the basic-auth password)
+        appear as ``**********``, and so does the user:password part of any URL
+        (``REDIS_URL=redis://:pw@host`` becomes ``redis://**********@host``)."""
+        return {k: _redact_value(v) for k, v in self}
+
+
+REDACTED = "**********"
+
+
+def _redact_value(value: object) -> object:
+    if isinstance(value, SecretStr):
+        return REDACTED
+    if isinstance(value, str) and "@" in value and "://" in value:
+        scheme, rest = value.split("://", 1)
+        authority, sep, path = rest.partition("/")
+        if "@" in authority:
+            return f"{scheme}://{REDACTED}@{authority.rsplit('@', 1)[1]}{sep}{path}"
+    return value
 
 
 # The settings that shape a fine-tuned version (what it learns from, how, and how it is

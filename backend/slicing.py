@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torchvision.ops import batched_nms, box_area, box_iou, nms
 
-MergeType = Literal["NMS", "NMM", "GREEDYNMM"]
-MatchMetric = Literal["IOU", "IOS"]
+# The merge names are settings (MERGE_TYPE, MERGE_METRIC); settings.py defines them once,
+# free of torch, and the geometry here uses them.
+from label_studio_sahi.settings import MatchMetric, MergeType
 
 # Automatic slicing: windows near the input size DETR-family models are trained at, never
 # smaller than AUTO_MIN_SLICE (objects would be cut too often) nor larger than AUTO_MAX_SLICE.

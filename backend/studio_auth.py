@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 REFRESH_PATH = "/api/token/refresh"
 # Label Studio issues 5-minute access tokens; assume that when a token carries no ``exp``.
@@ -224,7 +224,7 @@ class LabelStudioAuth(httpx.Auth):
         # A 401 from Label Studio itself (not from a host a redirect led to) with a token we
         # believed valid: it was revoked or expired early. Refresh and try exactly once more.
         if response.status_code == 401 and same_origin(response.url, self._base_url):
-            logger.info("Label Studio answered 401 to an access token; refreshing it once")
+            log.info("Label Studio answered 401 to an access token; refreshing it once")
             token = yield from self._access_token(request, serialize_refresh, stale=token)
             request.headers["Authorization"] = f"Bearer {token}"
             yield request, False
@@ -253,7 +253,7 @@ class LabelStudioAuth(httpx.Auth):
             with self._state_lock:
                 self._access = token
                 self._refresh_at = time.monotonic() + lifetime - margin
-            logger.debug("exchanged the personal access token (access valid %.0f s)", lifetime)
+            log.debug("exchanged the personal access token (access valid %.0f s)", lifetime)
             return token
 
     def _refresh_request(self, request: httpx.Request) -> httpx.Request:

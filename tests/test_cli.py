@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -19,6 +20,7 @@ import pytest
 from stack import wait_for_health
 from tiny_models import draw_scene
 
+from label_studio_sahi.cli import print_records
 from label_studio_sahi.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,21 +50,35 @@ def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def test_predict_prints_label_studio_results_for_local_images(
     detector_dir: Path, classifier_dir: Path, tmp_path: Path
 ) -> None:
-    image = tmp_path / "big.png"
-    scene = draw_scene(512, 384, 6, random.Random(1))
-    scene.image.save(image)
+    images = [tmp_path / "big.png", tmp_path / "other.png"]
+    for seed, image in enumerate(images, start=1):
+        draw_scene(512, 384, 6, random.Random(seed)).image.save(image)
     env = _env(DETECTOR_MODEL=str(detector_dir), CLASSIFIER_MODEL=str(classifier_dir), DEVICE="cpu")
-    run = _run("predict", str(image), "--slice", "128", "--overlap", "0.2", "--jsonl", env=env)
+    # stdout is a pipe here: JSON lines without --jsonl, one object per image, in order.
+    run = _run("predict", *map(str, images), "--slice", "128", "--overlap", "0.2", env=env)
     assert run.returncode == 0, run.stderr[-2000:]
-    record = json.loads(run.stdout.strip().splitlines()[-1])
-    assert record["image"] == str(image)
-    types = {r["type"] for r in record["result"]}
-    assert types == {"rectanglelabels", "choices"}
-    labels = {
-        r["value"]["rectanglelabels"][0] for r in record["result"] if r["type"] == "rectanglelabels"
-    }
-    assert labels <= {"car", "person"} and labels
-    assert record["model_version"].startswith(detector_dir.name)
+    records = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [r["image"] for r in records] == [str(image) for image in images]
+    for record in records:
+        types = {r["type"] for r in record["result"]}
+        assert types == {"rectanglelabels", "choices"}
+        labels = {
+            r["value"]["rectanglelabels"][0]
+            for r in record["result"]
+            if r["type"] == "rectanglelabels"
+        }
+        assert labels <= {"car", "person"} and labels
+        assert record["model_version"].startswith(detector_dir.name)
+
+
+def test_predict_output_is_one_json_array_or_json_lines() -> None:
+    records = [{"image": "a.png", "result": []}, {"image": "b.png", "result": [], "score": 0.5}]
+    array = io.StringIO()
+    print_records(records, array, lines=False)
+    assert json.loads(array.getvalue()) == records
+    lines = io.StringIO()
+    print_records(records, lines, lines=True)
+    assert [json.loads(line) for line in lines.getvalue().splitlines()] == records
 
 
 def test_a_missing_image_fails_with_its_error_and_exit_code_1(
@@ -72,6 +88,29 @@ def test_a_missing_image_fails_with_its_error_and_exit_code_1(
     run = _run("predict", str(tmp_path / "nope.png"), "--jsonl", env=env)
     assert run.returncode == 1
     assert json.loads(run.stdout)["error"]["error"] in {"image_unreachable", "bad_image_url"}
+
+
+def test_serve_and_worker_log_their_settings_without_secrets(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from label_studio_sahi.cli import _log_settings
+    from label_studio_sahi.settings import Settings
+
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        label_studio_api_key="pat-secret-value",  # type: ignore[arg-type]
+        basic_auth_user="ls",
+        basic_auth_pass="pass-secret-value",  # type: ignore[arg-type]
+        redis_url="redis://user:redis-secret@cache:6379/0",
+        label_studio_url="http://admin:url-secret@studio:8080/ls",
+    )
+    with caplog.at_level("INFO", logger="label_studio_sahi.cli"):
+        _log_settings(settings)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "secret" not in line
+    assert 'redis_url="redis://**********@cache:6379/0"' in line
+    assert 'label_studio_url="http://**********@studio:8080/ls"' in line
+    assert 'basic_auth_user="ls"' in line and "slice_width=512" in line
 
 
 def _free_port() -> int:

@@ -14,6 +14,7 @@ from label_studio_sahi.labeling import (
     annotation_boxes,
     annotation_choices,
     choices_result,
+    default_label_config,
     parse_label_config,
     rectangle_result,
 )
@@ -462,3 +463,21 @@ def test_annotation_choices_reads_selected_choices() -> None:
     assert annotation_choices(result) == ["Street", "Indoor", "Rain"]
     assert annotation_choices(result, "scene") == ["Street", "Indoor"]
     assert annotation_choices([]) == []
+
+
+def test_default_config_escapes_class_names_and_round_trips() -> None:
+    odd = ['a<b & "c"', "it's", "tab\tand\nnewline", "]]>"]
+    xml = default_label_config([*odd, "car", "car", " "], ["x > y", "indoor"])
+    config = parse_label_config(xml)
+    (boxes,) = config.rectangles
+    (scene,) = config.choices
+    assert boxes.labels == (*odd, "car")  # repeats and blank names left out
+    assert scene.labels == ("x > y", "indoor")
+    assert boxes.label_for('a<b & "c"') == 'a<b & "c"' and config.image_keys == ("image",)
+
+
+def test_default_config_has_only_the_controls_with_classes() -> None:
+    only_boxes = parse_label_config(default_label_config(["car"], []))
+    assert [c.name for c in only_boxes.controls] == ["label"]
+    only_classes = parse_label_config(default_label_config([], ["indoor"]))
+    assert [c.name for c in only_classes.controls] == ["class"]
