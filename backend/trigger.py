@@ -22,6 +22,7 @@ from label_studio_sahi import names
 from label_studio_sahi.errors import BadRequest
 from label_studio_sahi.queueing import WAITING, enqueue_unique
 from label_studio_sahi.settings import Settings
+from label_studio_sahi.studio import project_id
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,10 @@ COUNTED_ACTIONS = {
 
 
 def _project_of(body: dict[str, Any]) -> str | None:
+    """The event's project id (``BadRequest`` when it is not one), or None when absent."""
     project = body.get("project")
     value = project.get("id") if isinstance(project, dict) else project
-    return str(value) if value not in (None, "") else None
+    return project_id(value) if value not in (None, "") else None
 
 
 def _changes(body: dict[str, Any]) -> int:
@@ -54,9 +56,12 @@ class TrainingTrigger:
     def on_webhook(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """Answer a Label Studio webhook at once; training never runs in the request."""
         action = str(body.get("action") or "")
-        project = _project_of(body)
         if action not in COUNTED_ACTIONS and action != "START_TRAINING":
             return 200, {"status": "Unknown event", "action": action}
+        try:
+            project = _project_of(body)
+        except BadRequest as exc:
+            return exc.status, exc.to_json()
         if project is None:
             return 400, BadRequest(f"{action} webhook without project id").to_json()
         if action == "START_TRAINING":

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from label_studio_sahi.labeling import parse_label_config, rectangle_result
+
 SOURCE_CLASSES = ("car", "person", "truck")
 SOURCE_COLOURS = {"car": (220, 30, 30), "person": (30, 60, 220), "truck": (30, 190, 40)}
 # The target's colours are duller (half way to grey-brown) and vary per object.
@@ -192,27 +194,16 @@ def test_seeds(count: int) -> list[int]:
     return [TEST_SEED + i for i in range(count)]
 
 
-def export_result(scene: Scene) -> list[dict[str, Any]]:
-    """The scene's boxes as Label Studio ``rectanglelabels`` results (percent units)."""
+def export_result(
+    scene: Scene, config: str = LABEL_CONFIG, label_of: dict[str, str] = LABEL_OF
+) -> list[dict[str, Any]]:
+    """The scene's boxes as Label Studio ``rectanglelabels`` results of ``config``'s first
+    rectangle tag (percent units), each class named by ``label_of``."""
+    tag = parse_label_config(config).rectangles[0]
     width, height = scene.image.size
     return [
-        {
-            "id": f"r{i}",
-            "from_name": "label",
-            "to_name": "image",
-            "type": "rectanglelabels",
-            "original_width": width,
-            "original_height": height,
-            "value": {
-                "x": 100 * x1 / width,
-                "y": 100 * y1 / height,
-                "width": 100 * (x2 - x1) / width,
-                "height": 100 * (y2 - y1) / height,
-                "rotation": 0,
-                "rectanglelabels": [LABEL_OF[name]],
-            },
-        }
-        for i, ((x1, y1, x2, y2), name) in enumerate(zip(scene.boxes, scene.classes, strict=True))
+        rectangle_result(tag, box, label_of[name], 1.0, width, height, result_id=f"r{i}")
+        for i, (box, name) in enumerate(zip(scene.boxes, scene.classes, strict=True))
     ]
 
 
