@@ -172,6 +172,10 @@ class Settings(BaseSettings):
         le=1,
         description="Keep a box in a training window when this share of it is inside (sahi's default).",
     )
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="Learning rate over a job: constant, or a 10 % warm-up then cosine decay.",
+    )
     train_augment: bool = Field(
         True,
         description="Train on windows at random places around objects too, flipped and colour-jittered.",
@@ -248,6 +252,7 @@ VERSION_SETTINGS = (
     "train_steps",
     "train_batch_size",
     "train_augment",
+    "lr_schedule",
     "promote_confidence",
     "learning_rate",
     "backbone_learning_rate",

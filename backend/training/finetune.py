@@ -135,6 +135,23 @@ class _Precision:
         return torch.autocast("cuda", dtype=self.dtype, enabled=self.enabled)
 
 
+def learning_rate_factor(step: int, steps: int, schedule: str) -> float:
+    """The learning rate at ``step`` (0-based) as a share of the set one.
+
+    ``cosine``: a linear warm-up over the first 10 % of steps, then a cosine decay to 5 %.
+    A fresh AdamW moves every weight by about the learning rate in its first steps, whatever
+    the gradient: the warm-up keeps that from shaking a model that is already good, and the
+    decay ends training at a quiet point instead of wherever the last noisy step left it.
+    """
+    if schedule == "constant":
+        return 1.0
+    warmup = max(1, steps // 10)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def _run_steps(
     model: nn.Module,
     loss_of: Callable[[], torch.Tensor],
@@ -145,6 +162,9 @@ def _run_steps(
 ) -> list[float]:
     model.train()
     optimizer = _optimizer(model, settings)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: learning_rate_factor(i, steps, settings.lr_schedule)
+    )
     precision = _Precision(device)
     curve: list[float] = []
     start = time.monotonic()
@@ -157,6 +177,7 @@ def _run_steps(
         nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         precision.scaler.step(optimizer)
         precision.scaler.update()
+        schedule.step()
         curve.append(float(loss.detach()))
         if progress is not None:
             elapsed = time.monotonic() - start
