@@ -3,9 +3,11 @@ relabelled head, and the promotion gate."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any
 
+import pytest
 import torch
 from PIL import Image
 from servers import make_settings
@@ -17,6 +19,7 @@ from label_studio_sahi.training.evaluate import paired_bootstrap
 from label_studio_sahi.training.finetune import (
     DetectionSample,
     augment,
+    learning_rate_factor,
     relabel_head,
     training_steps,
 )
@@ -160,3 +163,11 @@ def test_detector_and_classifier_are_judged_separately() -> None:
     candidates.metrics.update(candidate_accuracy=0.9, live_accuracy=0.5)
     decision = decide(candidates, make_settings())
     assert not decision["detector"]["promoted"] and decision["classifier"]["promoted"]
+
+
+def test_the_cosine_schedule_warms_up_then_decays_to_a_twentieth() -> None:
+    factors = [learning_rate_factor(i, 100, "cosine") for i in range(100)]
+    assert factors[0] == 0.1 and factors[9] == 1.0  # 10 warm-up steps
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
+    assert factors[-1] == pytest.approx(0.05, abs=0.01)
+    assert {learning_rate_factor(i, 100, "constant") for i in range(100)} == {1.0}

@@ -187,9 +187,15 @@ def train_and_evaluate(ctx: JobContext, data: TrainingData, parent: ModelBundle)
             parent.detector, rect, data.held, data.images, slicing, own_labels=False
         )
         out.metrics["candidate"], out.metrics["live"] = candidate.metrics, live.metrics
-        out.metrics["bootstrap_better"] = paired_bootstrap(
-            candidate.predictions, live.predictions, candidate.truths, len(rect.labels),
-            candidate.sizes, metric=GATE_METRIC,
+        gain = candidate.metrics[GATE_METRIC] - live.metrics[GATE_METRIC]
+        # Re-drawing the held-out images only matters for a gain the gate would weigh.
+        out.metrics["bootstrap_better"] = (
+            paired_bootstrap(
+                candidate.predictions, live.predictions, candidate.truths, len(rect.labels),
+                candidate.sizes, metric=GATE_METRIC,
+            )
+            if gain > 0 and ctx.settings.promote_confidence > 0
+            else float(gain > 0)
         )  # fmt: skip
     choice = data.config.choices[0] if data.config.choices else None
     if choice is not None and parent.classifier is not None and any(t.choices for t in data.train):
