@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import tiny_models
+from http_origins import Servers, running_origins
 from servers import LEGACY_TOKEN
 
 from label_studio_sahi.classifier import Classifier
@@ -146,3 +147,18 @@ def redis_client(redis_url: str) -> Any:
     client = connect(redis_url)
     client.flushall()
     return client
+
+
+@pytest.fixture(scope="module")
+def _origins() -> Iterator[Servers]:
+    """Label Studio and a foreign origin as fake HTTP servers (tests/http_origins.py),
+    started once per module."""
+    with running_origins() as origins:
+        yield origins
+
+
+@pytest.fixture
+def servers(_origins: Servers) -> Servers:
+    """The fake origins, with what they served and received cleared for this test."""
+    _origins.state.reset()
+    return _origins

@@ -13,7 +13,6 @@ import socket
 import struct
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ from http_origins import (
     assert_secret_free,
     make_settings,
     png,
-    running_origins,
 )
 from PIL import Image, ImageFile
 
@@ -79,21 +77,6 @@ def jpeg_with_orientation(width: int, height: int, orientation: int) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (width, height), "blue").save(out, "JPEG", exif=exif.tobytes())
     return out.getvalue()
-
-
-# --- the fake origins -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def _origins() -> Iterator[Servers]:
-    with running_origins() as origins:
-        yield origins
-
-
-@pytest.fixture
-def servers(_origins: Servers) -> Servers:
-    _origins.state.reset()
-    return _origins
 
 
 # --- URL kinds --------------------------------------------------------------------------

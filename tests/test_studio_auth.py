@@ -10,7 +10,6 @@ origins of ``http_origins.py``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -23,7 +22,6 @@ from http_origins import (
     assert_secret_free,
     make_settings,
     png,
-    running_origins,
 )
 
 from label_studio_sahi.errors import ImageUnreachable
@@ -34,18 +32,6 @@ from label_studio_sahi.studio_auth import (
     jwt_claims,
     same_origin,
 )
-
-
-@pytest.fixture(scope="module")
-def _origins() -> Iterator[Servers]:
-    with running_origins() as origins:
-        yield origins
-
-
-@pytest.fixture
-def servers(_origins: Servers) -> Servers:
-    _origins.state.reset()
-    return _origins
 
 
 def test_personal_access_token_is_exchanged_for_a_cached_bearer_token(servers: Servers) -> None:

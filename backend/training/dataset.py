@@ -321,16 +321,10 @@ def training_windows(
             for label, b in image_boxes
         ]
         for window in windows:
-            kept_boxes: list[Box] = []
-            kept_labels: list[str] = []
-            for label, box in parsed:
-                clipped = _clip(box, window, min_area_ratio)
-                if clipped is not None:
-                    kept_boxes.append(clipped)
-                    kept_labels.append(label)
+            kept_boxes, kept_labels = _clip_all(parsed, window, min_area_ratio)
             if not kept_boxes and not rng.random() < negative_ratio:
                 continue
-            out.append(TrainingWindow(index, window, tuple(kept_boxes), tuple(kept_labels)))
+            out.append(TrainingWindow(index, window, kept_boxes, kept_labels))
     return out
 
 
@@ -361,16 +355,19 @@ def jittered_window(
     else:
         left, top = rng.uniform(0, width - sw), rng.uniform(0, height - sh)
     window: Window = (int(left), int(top), int(left) + sw, int(top) + sh)
-    kept_boxes: list[Box] = []
-    kept_labels: list[str] = []
-    for label, b in boxes:
-        clipped = _clip(
-            (float(b[0]), float(b[1]), float(b[2]), float(b[3])), window, min_area_ratio
-        )
-        if clipped is not None:
-            kept_boxes.append(clipped)
-            kept_labels.append(str(label))
-    return window, tuple(kept_boxes), tuple(kept_labels)
+    parsed = [
+        (str(label), (float(b[0]), float(b[1]), float(b[2]), float(b[3]))) for label, b in boxes
+    ]
+    return (window, *_clip_all(parsed, window, min_area_ratio))
+
+
+def _clip_all(
+    boxes: Sequence[tuple[str, Box]], window: Window, min_area_ratio: float
+) -> tuple[tuple[Box, ...], tuple[str, ...]]:
+    """The boxes ``_clip`` keeps in ``window`` (window coordinates), and their labels."""
+    kept = [(clipped, label) for label, box in boxes
+            if (clipped := _clip(box, window, min_area_ratio)) is not None]  # fmt: skip
+    return tuple(b for b, _ in kept), tuple(label for _, label in kept)
 
 
 def crop(image: Image.Image, window: Sequence[int]) -> Image.Image:

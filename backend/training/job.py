@@ -142,8 +142,7 @@ def run_training(ctx: JobContext, project: str, reason: str, run_id: str) -> dic
             "detail": "no boxes or choices to train on",
             **data.stats,
         }
-    parent_version = model_version(project, live_name) if live_name else parent.version
-    version = publish(ctx, project, run_id, reason, data, parent, parent_version, candidates)
+    version = publish(ctx, project, run_id, reason, data, parent, live_name, candidates)
     ctx.progress(force=True, stage="done", version=version.name)
     return _summary(version.meta, version.name, project)
 
@@ -246,7 +245,7 @@ def publish(
     reason: str,
     data: TrainingData,
     parent: ModelBundle,
-    parent_version: str,
+    live_name: str | None,
     candidates: Candidates,
 ) -> Version:
     """Write the version (accepted or rejected) and make it live when it is better.
@@ -263,7 +262,7 @@ def publish(
     meta = {
         names.META_STATUS: "accepted" if accepted else "rejected",
         "project": project,
-        names.META_PARENT: parent_version,
+        names.META_PARENT: model_version(project, live_name) if live_name else parent.version,
         names.META_RUN_ID: run_id,
         "reason": reason,
         names.META_METRICS: candidates.metrics,
@@ -281,7 +280,6 @@ def publish(
         # own (fine-tuned) classifier goes along when the candidate did not beat it.
         detector = candidates.detector if better_boxes else parent.detector
         classifier = candidates.classifier if better_classes else None
-        live_name = ctx.registry.live(project)
         if classifier is None and live_name is not None:
             own = ctx.registry.get(project, live_name).path / names.CLASSIFIER_DIR
             classifier = parent.classifier if own.is_dir() else None

@@ -107,22 +107,29 @@ def test_legacy_token(studio: StudioServer) -> None:
     assert wrong.status_code == 401
 
 
+def _refresh(studio: StudioServer, pat: str) -> httpx.Response:
+    """Exchange the PAT for an access token, with a few seconds' grace for a 401.
+
+    Once in a full CI rehearsal this answered 401 "Token is invalid" (it passed alone and in
+    the rerun). A guess, not a finding: PyJWT refuses a token whose `iat` is ahead of the
+    clock, and this machine's clock has been seen to step back by seconds; the grace tells
+    that apart from a token really lost.
+    """
+    deadline = time.monotonic() + 20
+    while True:
+        refreshed = httpx.post(studio.url + "/api/token/refresh", json={"refresh": pat}, timeout=30)
+        if refreshed.status_code != 401 or time.monotonic() > deadline:
+            return refreshed
+        time.sleep(2)
+
+
 def test_personal_access_token(studio: StudioServer) -> None:
     pat = studio.personal_access_token()
     assert pat.startswith("eyJ")
     assert studio.personal_access_token() == pat  # cached
     assert studio.pat_path.read_text() == pat
 
-    # Once in a full CI rehearsal this refresh answered 401 "Token is invalid" (it passed
-    # alone and in the rerun). A guess, not a finding: PyJWT refuses a token whose `iat` is
-    # ahead of the clock, and this machine's clock has been seen to step back by seconds;
-    # a few seconds' grace tells that apart from a token really lost in the restart.
-    deadline = time.monotonic() + 20
-    while True:
-        refreshed = httpx.post(studio.url + "/api/token/refresh", json={"refresh": pat}, timeout=30)
-        if refreshed.status_code != 401 or time.monotonic() > deadline:
-            break
-        time.sleep(2)
+    refreshed = _refresh(studio, pat)
     assert refreshed.status_code == 200, refreshed.text
     access = refreshed.json()["access"]
     bearer = studio.api(
@@ -212,14 +219,5 @@ def test_restart_keeps_data_and_tokens(studio: StudioServer, project_id: int) ->
     # A new StudioServer on the same folder finds the PAT that run_dir keeps.
     again = StudioServer(studio.run_dir, port=studio.port)
     assert again.personal_access_token() == pat
-    # Once in a full CI rehearsal this refresh answered 401 "Token is invalid" (it passed
-    # alone and in the rerun). A guess, not a finding: PyJWT refuses a token whose `iat` is
-    # ahead of the clock, and this machine's clock has been seen to step back by seconds;
-    # a few seconds' grace tells that apart from a token really lost in the restart.
-    deadline = time.monotonic() + 20
-    while True:
-        refreshed = httpx.post(studio.url + "/api/token/refresh", json={"refresh": pat}, timeout=30)
-        if refreshed.status_code != 401 or time.monotonic() > deadline:
-            break
-        time.sleep(2)
+    refreshed = _refresh(studio, pat)
     assert refreshed.status_code == 200, refreshed.text
