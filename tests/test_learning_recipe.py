@@ -95,7 +95,7 @@ def test_a_label_that_stands_for_several_classes_starts_from_all_of_them() -> No
     old = model.head.weight.detach().clone()
     labels = ["Vehicle", "Person"]
     mapping = {"car": "Vehicle", "truck": "Vehicle", "person": "Person"}
-    relabel_head(model, "head", labels, mapping.get)
+    relabel_head(model, ["head"], labels, mapping.get)
     assert torch.allclose(model.head.weight[0], (old[0] + old[2]) / 2)
     assert torch.allclose(model.head.weight[1], old[1])
     assert model.config.id2label == {0: "Vehicle", 1: "Person"}

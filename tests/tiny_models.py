@@ -15,6 +15,7 @@ squares are only found at native scale, i.e. in slices: the case SAHI exists for
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,18 @@ from transformers import (
     ConditionalDetrConfig,
     ConditionalDetrForObjectDetection,
     ConditionalDetrImageProcessor,
+    DeformableDetrConfig,
+    DeformableDetrForObjectDetection,
+    DeformableDetrImageProcessor,
     DetrConfig,
     DetrForObjectDetection,
     DetrImageProcessor,
+    PretrainedConfig,
     ResNetConfig,
+    RTDetrConfig,
+    RTDetrForObjectDetection,
+    RTDetrImageProcessor,
+    RTDetrResNetConfig,
     ViTConfig,
     ViTForImageClassification,
     ViTImageProcessor,
@@ -115,8 +124,93 @@ def tiny_conditional_detr_config() -> ConditionalDetrConfig:
 
 
 def detr_processor(size: int = TRAIN_SIZE, family: str = "detr") -> Any:
-    cls = ConditionalDetrImageProcessor if family == "conditional_detr" else DetrImageProcessor
-    return cls(size={"shortest_edge": size, "longest_edge": size * 2})
+    processor = {
+        "detr": DetrImageProcessor,
+        "conditional_detr": ConditionalDetrImageProcessor,
+        "deformable_detr": DeformableDetrImageProcessor,
+        "rt_detr": RTDetrImageProcessor,
+    }[family]
+    if family == "rt_detr":
+        # As RT-DETR's own checkpoints: every input resized to one square, no padding (the
+        # model has no pixel mask; its boxes are relative to the whole input).
+        return processor(size={"height": size, "width": size})
+    return processor(size={"shortest_edge": size, "longest_edge": size * 2})
+
+
+# The DETR families the job fine-tunes (``AutoModelForObjectDetection`` model types), each
+# at the same tiny scale: a 3-stage ResNet, d_model 64, 2 encoder and 2 decoder layers.
+FAMILIES = ("detr", "conditional_detr", "deformable_detr", "rt_detr")
+
+
+def family_config(family: str, classes: Sequence[str], num_queries: int) -> PretrainedConfig:
+    """A tiny config of ``family`` for ``classes``, untrained backbone, no hub download."""
+    resnet = {
+        "embedding_size": 16,
+        "hidden_sizes": [16, 32, 64],
+        "depths": [1, 1, 1],
+        "layer_type": "basic",
+        "out_features": ["stage1", "stage2", "stage3"],
+    }
+    common: dict[str, Any] = {
+        "d_model": 64,
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "encoder_ffn_dim": 128,
+        "decoder_ffn_dim": 128,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "num_queries": num_queries,
+        "dropout": 0.0,
+        "id2label": dict(enumerate(classes)),
+        "label2id": {name: i for i, name in enumerate(classes)},
+    }
+    detr_like = {
+        "use_timm_backbone": False,
+        "use_pretrained_backbone": False,
+        "auxiliary_loss": True,
+    }
+    if family == "detr":
+        return DetrConfig(backbone_config=ResNetConfig(**resnet), **detr_like, **common)
+    if family == "conditional_detr":
+        return ConditionalDetrConfig(backbone_config=ResNetConfig(**resnet), **detr_like, **common)
+    if family == "deformable_detr":
+        return DeformableDetrConfig(
+            backbone_config=ResNetConfig(**resnet),
+            num_feature_levels=3,
+            encoder_n_points=2,
+            decoder_n_points=2,
+            **detr_like,
+            **common,
+        )
+    if family == "rt_detr":
+        # RT-DETR's hybrid encoder takes strides 8-32 from its own ResNet.
+        backbone = RTDetrResNetConfig(**{**resnet, "hidden_sizes": [16, 32, 64, 64],
+                                         "depths": [1, 1, 1, 1],
+                                         "out_features": ["stage2", "stage3", "stage4"]})  # fmt: skip
+        return RTDetrConfig(
+            backbone_config=backbone,
+            use_pretrained_backbone=False,
+            encoder_hidden_dim=64,
+            encoder_in_channels=[32, 64, 64],
+            decoder_in_channels=[64, 64, 64],
+            encoder_layers=1,
+            num_feature_levels=3,
+            decoder_n_points=2,
+            num_denoising=16,
+            **{k: v for k, v in common.items() if k != "encoder_layers"},
+        )
+    raise ValueError(f"unknown family {family!r}; one of {FAMILIES}")
+
+
+def family_model(family: str, classes: Sequence[str], num_queries: int, seed: int = 0) -> Any:
+    torch.manual_seed(seed)
+    model_class = {
+        "detr": DetrForObjectDetection,
+        "conditional_detr": ConditionalDetrForObjectDetection,
+        "deformable_detr": DeformableDetrForObjectDetection,
+        "rt_detr": RTDetrForObjectDetection,
+    }[family]
+    return model_class(family_config(family, classes, num_queries))
 
 
 def detr_targets(
@@ -144,10 +238,12 @@ def detr_targets(
 def new_detector(family: str = "conditional_detr", seed: int = 0) -> tuple[Any, Any]:
     """An untrained tiny detector of ``family`` and its image processor."""
     torch.manual_seed(seed)
-    if family == "conditional_detr":
+    if family == "conditional_detr":  # as the committed fixture was built
         model: Any = ConditionalDetrForObjectDetection(tiny_conditional_detr_config())
-    else:
+    elif family == "detr":
         model = DetrForObjectDetection(tiny_detr_config())
+    else:
+        model = family_model(family, DETECTOR_CLASSES, num_queries=12, seed=seed)
     return model, detr_processor(family=family)
 
 

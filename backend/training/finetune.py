@@ -38,47 +38,103 @@ class DetectionSample:
     labels: Sequence[int]
 
 
+# The layers that score classes, by attribute name, in the detector families that
+# AutoModelForObjectDetection builds: DETR, Conditional DETR, YOLOS, Table Transformer
+# (``class_labels_classifier``); Deformable DETR (``class_embed``, one per decoder layer,
+# tied to each other); RT-DETR and D-FINE (``decoder.class_embed``, the encoder's
+# ``enc_score_head``, and ``denoising_class_embed``, which embeds labels as queries).
+DETECTOR_HEADS = (
+    "class_labels_classifier",
+    "class_embed",
+    "enc_score_head",
+    "denoising_class_embed",
+)
+CLASSIFIER_HEADS = ("classifier",)
+
+
 def relabel_head(
-    model: Any, head_name: str, labels: Sequence[str], class_to_label: Callable[[str], str | None]
+    model: Any,
+    head_names: Sequence[str],
+    labels: Sequence[str],
+    class_to_label: Callable[[str], str | None],
 ) -> None:
     """Give a model exactly ``labels`` as classes, keeping what it knows of each of them.
 
-    A row of the new head is copied from the old class that maps to the label
-    (``class_to_label``, i.e. the label config's name / predicted_values rules), averaged
-    when several do; labels no old class maps to start fresh. Extra rows past the classes
-    (DETR's no-object) are kept.
+    Every linear or embedding layer under one of ``head_names`` with a row per class (plus
+    at most one more: DETR's no-object, RT-DETR's padding) is rebuilt. A row of the new
+    layer is the old class's row that maps to the label (``class_to_label``, i.e. the label
+    config's name / predicted_values rules), averaged when several do; labels no old class
+    maps to start from the mean of the old classes. Rows past the classes are kept. Layers
+    that shared weights (Deformable DETR's per-layer heads) still share them.
     """
     old_names = {int(k): str(v) for k, v in model.config.id2label.items()}
     if [old_names.get(i) for i in range(len(labels))] == list(labels) and len(old_names) == len(
         labels
     ):
         return
-    head = getattr(model, head_name, None)
-    if not isinstance(head, nn.Linear):
+    n_old = len(old_names)
+    sources = [
+        [j for j, name in sorted(old_names.items()) if class_to_label(name) == label]
+        for label in labels
+    ]
+    heads = [
+        (name, module)
+        for name, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, nn.Linear | nn.Embedding)
+        and set(name.split(".")) & set(head_names)
+        and module.weight.shape[0] - n_old in (0, 1)
+    ]
+    if not heads:
         raise HeadMismatch(
-            f"{type(model).__name__} has no linear '{head_name}' head to relabel; "
+            f"{type(model).__name__} has no class head ({', '.join(head_names)}) to relabel; "
             f"its classes {sorted(old_names.values())} must already be the project's labels {list(labels)}"
         )
-    extra = head.out_features - len(old_names)
-    new = nn.Linear(head.in_features, len(labels) + extra).to(head.weight.device, head.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(head.weight.mean(dim=0, keepdim=True).expand_as(new.weight))
-        new.bias.fill_(float(head.bias[: len(old_names)].mean()))
-        new.weight.add_(torch.randn_like(new.weight) * 0.01)
-        for i, label in enumerate(labels):
-            # Every old class this label stands for (predicted_values="car,truck"): the
-            # mean of their rows keeps what the model knew of each, not just the first.
-            sources = [j for j, name in old_names.items() if class_to_label(name) == label]
-            if sources:
-                new.weight[i] = head.weight[sources].mean(dim=0)
-                new.bias[i] = head.bias[sources].mean()
-        if extra:
-            new.weight[len(labels) :] = head.weight[len(old_names) :]
-            new.bias[len(labels) :] = head.bias[len(old_names) :]
-    setattr(model, head_name, new)
+    rebuilt: dict[int, nn.Module] = {}  # by the old weight: tied layers stay tied
+    for name, module in heads:
+        new = rebuilt.get(id(module.weight))
+        if new is None:
+            new = rebuilt[id(module.weight)] = _relabelled(module, n_old, sources)
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, new)
     model.config.id2label = dict(enumerate(labels))
     model.config.label2id = {name: i for i, name in enumerate(labels)}
     model.config.num_labels = len(labels)
+
+
+def _relabelled(
+    module: nn.Linear | nn.Embedding, n_old: int, sources: list[list[int]]
+) -> nn.Module:
+    """A copy of ``module`` with a row per new label (see ``relabel_head``)."""
+    extra = module.weight.shape[0] - n_old
+    rows = len(sources) + extra
+    new: nn.Linear | nn.Embedding
+    if isinstance(module, nn.Linear):
+        new = nn.Linear(module.in_features, rows, bias=module.bias is not None)
+    else:
+        padding = module.padding_idx
+        new = nn.Embedding(
+            rows,
+            module.embedding_dim,
+            padding_idx=None if padding is None else padding - n_old + len(sources),
+        )
+    new = new.to(module.weight.device, module.weight.dtype)
+    old_params = [module.weight] + (
+        [module.bias] if isinstance(module, nn.Linear) and module.bias is not None else []
+    )
+    new_params = [new.weight] + (
+        [new.bias] if isinstance(new, nn.Linear) and new.bias is not None else []
+    )
+    with torch.no_grad():
+        for old, param in zip(old_params, new_params, strict=True):
+            param.copy_(old[:n_old].mean(dim=0, keepdim=True).expand_as(param))
+            if param.dim() > 1:  # fresh rows must differ, or they learn as one
+                param.add_(torch.randn_like(param) * 0.01)
+            for i, src in enumerate(sources):
+                if src:
+                    param[i] = old[src].mean(dim=0)
+            if extra:
+                param[len(sources) :] = old[n_old:]
+    return new
 
 
 def _targets(

@@ -47,6 +47,8 @@ from label_studio_sahi.training.evaluate import (
     paired_bootstrap,
 )
 from label_studio_sahi.training.finetune import (
+    CLASSIFIER_HEADS,
+    DETECTOR_HEADS,
     DetectionSample,
     Progress,
     relabel_head,
@@ -322,7 +324,7 @@ def _finetune_detector(
     settings = ctx.settings
     labels = list(tag.labels)
     model = copy.deepcopy(live.model).float()
-    relabel_head(model, "class_labels_classifier", labels, tag.label_for)
+    relabel_head(model, DETECTOR_HEADS, labels, tag.label_for)
     boxes = [[(label, box) for label, box in t.boxes if label in labels] for t in train]
     windows = training_windows(
         [images[t.task_id].size for t in train],
@@ -428,7 +430,7 @@ def _finetune_classifier(
 ) -> tuple[Classifier, list[float]]:
     labels = list(tag.labels)
     model = copy.deepcopy(live.model).float()
-    relabel_head(model, "classifier", labels, tag.label_for)
+    relabel_head(model, CLASSIFIER_HEADS, labels, tag.label_for)
     chosen = [
         (images[t.task_id], labels.index(t.choices[0]))
         for t in train
