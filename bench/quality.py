@@ -78,14 +78,20 @@ def test_split(count: int) -> TestSplit:
     return TestSplit(images, truths, sizes)
 
 
-def base_model(cache: Path) -> Path:
-    """The committed source-domain base, or one trained into ``cache`` (seeded)."""
-    if (COMMITTED_BASE / "config.json").is_file():
+def base_model(cache: Path, family: str = "conditional_detr", steps: int = 3000) -> Path:
+    """The committed source-domain base, or one of ``family`` trained into ``cache`` (seeded)."""
+    if (
+        family == "conditional_detr"
+        and steps == 3000
+        and (COMMITTED_BASE / "config.json").is_file()
+    ):
         return COMMITTED_BASE
-    out = cache / "source-base"
+    out = cache / f"source-base-{family}-{steps}"
     if not (out / "config.json").is_file():
-        print(f"training the source-domain base into {out} (a few minutes)", flush=True)
-        data.train_source_base(out)
+        print(f"training the {family} source-domain base into {out}", flush=True)
+        start = time.monotonic()
+        data.train_source_base(out, steps=steps, family=family)
+        (out / "train_seconds.txt").write_text(f"{time.monotonic() - start:.1f}\n")
     return out
 
 
@@ -313,12 +319,46 @@ def ablation(
     return rows
 
 
+def family_run(
+    family: str, seeds: list[int], rounds: list[int], split: TestSplit, base_steps: int,
+    cache: Path, work: Path, overrides: dict[str, Any],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """One family: its source base (``base_steps`` steps, like every other family's), then
+    the rounds on each seed, through the real job."""
+    torch.set_num_threads(1)
+    base = base_model(cache, family, base_steps)
+    seconds = base / "train_seconds.txt"
+    info = {
+        "family": family,
+        "params_m": round(sum(p.numel() for p in Detector.load(str(base), device="cpu").model.parameters()) / 1e6, 2),
+        "base_s_per_step": round(float(seconds.read_text()) / base_steps, 3) if seconds.is_file() else None,
+    }  # fmt: skip
+    rows = []
+    for seed in seeds:
+        rows += [
+            {**info, **row}
+            for row in run_seed(seed, rounds, split, base, work / f"{family}-{seed}", overrides)
+        ]
+    return rows
+
+
+def families(
+    names: list[str], seeds: list[int], rounds: list[int], split: TestSplit, base_steps: int,
+    cache: Path, work: Path, overrides: dict[str, Any], jobs: int,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The families side by side: same source data and base steps, same rounds and job."""
+    with ProcessPoolExecutor(jobs) as pool:
+        runs = [pool.submit(family_run, f, seeds, rounds, split, base_steps, cache, work, overrides)
+                for f in names]  # fmt: skip
+        return [row for run in runs for row in run.result()]
+
+
 def sahi_table(seed: int, labels: int, split: TestSplit, base: Path) -> list[dict[str, Any]]:
     """SAHI's ordering on the same data: fine-tuning on whole images or on slices, then
     inference on the whole image or sliced. Both fine-tunes bypass the gate (the table
     compares recipes, not promotions)."""
     from label_studio_sahi.training.dataset import LabelledTask
-    from label_studio_sahi.training.job import _finetune_detector
+    from label_studio_sahi.training.job import finetune_detector
 
     tag = parse_label_config(data.LABEL_CONFIG).rectangles[0]
     scenes = [data.target_scene(s) for s in data.project_seeds(seed, labels)]
@@ -342,8 +382,7 @@ def sahi_table(seed: int, labels: int, split: TestSplit, base: Path) -> list[dic
             slice_height=size, slice_width=size, device="cpu", train_steps=600,
             train_augment=size == SLICE,
         )  # fmt: skip
-        ctx = JobContext(settings, Registry(Path("/nonexistent")))
-        detector, _, windows = _finetune_detector(ctx, base_detector, tag, train, images)
+        detector, _, windows = finetune_detector(settings, base_detector, tag, train, images)
         for name, slicing in inference.items():
             rows.append({"fine-tuning on": training, "windows": windows, "inference": name,
                          **score(detector, tag, split, slicing, settings.score_threshold)})  # fmt: skip
@@ -380,6 +419,15 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of rounds: each recipe variant at LABELS labels, per seed",
     )
     parser.add_argument(
+        "--families",
+        nargs="+",
+        metavar="FAMILY",
+        help="instead of rounds: each DETR family (detr conditional_detr deformable_detr "
+        "rt_detr) from its own source base, through the same rounds",
+    )
+    parser.add_argument("--base-steps", type=int, default=3000,
+                        help="steps of source-domain training for a family's base")  # fmt: skip
+    parser.add_argument(
         "--sahi-table",
         type=int,
         metavar="LABELS",
@@ -397,13 +445,20 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ls-sahi-quality-") as tmp:
         base = base_model(args.out / "cache")
-        if args.ablation or args.sahi_table:
-            extra = (
-                ablation(args.seeds, args.ablation, split, base, Path(tmp), overrides, args.jobs)
-                if args.ablation
-                else sahi_table(args.seeds[0], args.sahi_table, split, base)
-            )
-            name = "ablation" if args.ablation else "sahi_table"
+        if args.ablation or args.sahi_table or args.families:
+            if args.families:
+                extra = families(args.families, args.seeds, sorted(args.rounds), split,
+                                 args.base_steps, args.out / "cache", Path(tmp), overrides,
+                                 args.jobs)  # fmt: skip
+                name = "families"
+            elif args.ablation:
+                extra = ablation(
+                    args.seeds, args.ablation, split, base, Path(tmp), overrides, args.jobs
+                )
+                name = "ablation"
+            else:
+                extra = sahi_table(args.seeds[0], args.sahi_table, split, base)
+                name = "sahi_table"
             (args.out / f"{name}.json").write_text(json.dumps(extra, indent=2, default=str))
             for row in extra:
                 print(json.dumps(row, default=str))

@@ -222,45 +222,17 @@ def _targets(scenes: list[Scene]) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def train_source_base(out_dir: Path, steps: int = 3000, seed: int = 0) -> Path:
-    """The stand-in for a pretrained checkpoint: a tiny Conditional DETR trained on the
-    source domain only, saved with ``save_pretrained`` (about 3 minutes on one CPU core)."""
-    from transformers import (
-        ConditionalDetrConfig,
-        ConditionalDetrForObjectDetection,
-        ConditionalDetrImageProcessor,
-        ResNetConfig,
-    )
+def train_source_base(
+    out_dir: Path, steps: int = 3000, seed: int = 0, family: str = "conditional_detr"
+) -> Path:
+    """The stand-in for a pretrained checkpoint: a tiny detector of ``family`` (see
+    ``tests/tiny_models.FAMILIES``) trained on the source domain only, saved with
+    ``save_pretrained`` (Conditional DETR: about 3 minutes on one CPU core)."""
+    from tests.tiny_models import detr_processor, family_model
 
-    torch.manual_seed(seed)
     rng = random.Random(seed)
-    config = ConditionalDetrConfig(
-        backbone_config=ResNetConfig(
-            embedding_size=16,
-            hidden_sizes=[16, 32, 64],
-            depths=[1, 1, 1],
-            layer_type="basic",
-            out_features=["stage1", "stage2", "stage3"],
-        ),
-        use_timm_backbone=False,
-        use_pretrained_backbone=False,
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        num_queries=16,
-        dropout=0.0,
-        auxiliary_loss=True,
-        id2label=dict(enumerate(SOURCE_CLASSES)),
-        label2id={name: i for i, name in enumerate(SOURCE_CLASSES)},
-    )
-    model = ConditionalDetrForObjectDetection(config)
-    processor = ConditionalDetrImageProcessor(
-        size={"shortest_edge": SOURCE_SIZE, "longest_edge": SOURCE_SIZE * 2}
-    )
+    model = family_model(family, SOURCE_CLASSES, num_queries=16, seed=seed)
+    processor = detr_processor(SOURCE_SIZE, family)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05

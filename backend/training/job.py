@@ -177,9 +177,10 @@ def train_and_evaluate(ctx: JobContext, data: TrainingData, parent: ModelBundle)
     slicing = SliceConfig.from_settings(ctx.settings)
     rect = data.config.rectangles[0] if data.config.rectangles else None
     if rect is not None and parent.detector is not None and any(t.boxes for t in data.train):
-        out.detector, out.curves["detector"], data.stats["windows"] = _finetune_detector(
-            ctx, parent.detector, rect, data.train, data.images
-        )
+        out.detector, out.curves["detector"], data.stats["windows"] = finetune_detector(
+            ctx.settings, parent.detector, rect, data.train, data.images,
+            ctx.step_reporter("training detector"),
+        )  # fmt: skip
         ctx.stage("evaluating")
         candidate = _evaluate_detector(
             out.detector, rect, data.held, data.images, slicing, own_labels=True
@@ -200,9 +201,10 @@ def train_and_evaluate(ctx: JobContext, data: TrainingData, parent: ModelBundle)
         )  # fmt: skip
     choice = data.config.choices[0] if data.config.choices else None
     if choice is not None and parent.classifier is not None and any(t.choices for t in data.train):
-        out.classifier, out.curves["classifier"] = _finetune_classifier(
-            ctx, parent.classifier, choice, data.train, data.images
-        )
+        out.classifier, out.curves["classifier"] = finetune_classifier(
+            ctx.settings, parent.classifier, choice, data.train, data.images,
+            ctx.step_reporter("training classifier"),
+        )  # fmt: skip
         out.metrics["candidate_accuracy"] = _accuracy(
             out.classifier, choice, data.held, data.images, own_labels=True
         )
@@ -314,14 +316,17 @@ def _summary(meta: dict[str, Any], name: str, project: str) -> dict[str, Any]:
     }
 
 
-def _finetune_detector(
-    ctx: JobContext,
+def finetune_detector(
+    settings: Settings,
     live: Detector,
     tag: ControlTag,
     train: list[LabelledTask],
     images: dict[int, Image.Image],
+    progress: Progress | None = None,
 ) -> tuple[Detector, list[float], int]:
-    settings = ctx.settings
+    """A copy of ``live`` relabelled to ``tag``'s labels and fine-tuned on the boxes of
+    ``train`` (slicing-aided: windows of the slice size): the candidate, its loss curve and
+    the number of windows. No gate, nothing published: ``run_training`` does that."""
     labels = list(tag.labels)
     model = copy.deepcopy(live.model).float()
     relabel_head(model, DETECTOR_HEADS, labels, tag.label_for)
@@ -365,7 +370,6 @@ def _finetune_detector(
         return DetectionSample(crop(image, window), kept, [labels.index(n) for n in names_])
 
     steps = training_steps(len(samples), settings)
-    progress = ctx.step_reporter("training detector")
     curve = train_detector(model, live.processor, draw, settings, live.device, steps, progress)
     candidate = Detector(model, live.processor, live.device, live.dtype, version="candidate")
     return candidate, curve, len(samples)
@@ -421,13 +425,16 @@ def _evaluate_detector(
     return HeldOutScore(predictions, truths, sizes, metrics)
 
 
-def _finetune_classifier(
-    ctx: JobContext,
+def finetune_classifier(
+    settings: Settings,
     live: Classifier,
     tag: ControlTag,
     train: list[LabelledTask],
     images: dict[int, Image.Image],
+    progress: Progress | None = None,
 ) -> tuple[Classifier, list[float]]:
+    """A copy of ``live`` relabelled to ``tag``'s choices and fine-tuned on ``train``'s first
+    choice per image; its loss curve."""
     labels = list(tag.labels)
     model = copy.deepcopy(live.model).float()
     relabel_head(model, CLASSIFIER_HEADS, labels, tag.label_for)
@@ -436,11 +443,9 @@ def _finetune_classifier(
         for t in train
         if t.choices and t.choices[0] in labels
     ]
-
-    progress = ctx.step_reporter("training classifier")
     curve = train_classifier(
-        model, live.processor, [i for i, _ in chosen], [c for _, c in chosen], ctx.settings, live.device,
-        steps=training_steps(len(chosen), ctx.settings), progress=progress,
+        model, live.processor, [i for i, _ in chosen], [c for _, c in chosen], settings, live.device,
+        steps=training_steps(len(chosen), settings), progress=progress,
     )  # fmt: skip
     return Classifier(model, live.processor, live.device, live.dtype, version="candidate"), curve
 
