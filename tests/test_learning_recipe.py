@@ -15,7 +15,7 @@ from torch import nn
 
 from label_studio_sahi.slicing import Detections
 from label_studio_sahi.training.dataset import jittered_window
-from label_studio_sahi.training.evaluate import paired_bootstrap
+from label_studio_sahi.training.evaluate import detection_metrics, paired_bootstrap
 from label_studio_sahi.training.finetune import (
     DetectionSample,
     augment,
@@ -126,6 +126,52 @@ def test_a_gain_on_one_image_of_six_is_not_a_sure_gain() -> None:
     candidate = [_dets(HIT, [0.9]), *live[1:]]
     share = paired_bootstrap(candidate, live, TRUTHS, 1, resamples=400)
     assert 0.5 < share < 0.8  # one image in six is missing from about a third of the draws
+
+
+def _noisy_detections(rng: random.Random, truth: tuple[list[Any], list[int]]) -> Detections:
+    """Each true box found or not, shifted a little, plus false boxes; random scores."""
+    boxes, labels = [], []
+    for (x1, y1, x2, y2), label in zip(*truth, strict=True):
+        if rng.random() < 0.7:
+            dx, dy = rng.uniform(-6, 6), rng.uniform(-6, 6)
+            boxes.append([x1 + dx, y1 + dy, x2 + dx, y2 + dy])
+            labels.append(label if rng.random() < 0.8 else rng.randrange(3))
+    for _ in range(rng.randrange(4)):
+        x, y, side = rng.uniform(0, 300), rng.uniform(0, 200), rng.uniform(8, 60)
+        boxes.append([x, y, x + side, y + side])
+        labels.append(rng.randrange(3))
+    return Detections(
+        torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        torch.tensor([rng.random() for _ in boxes], dtype=torch.float32),
+        torch.tensor(labels, dtype=torch.int64),
+    )
+
+
+@pytest.mark.parametrize("metric", ["map_50", "map", "map_small"])
+def test_each_bootstrap_draw_is_scored_as_cocoeval_scores_the_drawn_images(metric: str) -> None:
+    rng = random.Random(3)
+    truths: list[tuple[list[Any], list[int]]] = []
+    for _ in range(6):
+        boxes = []
+        for _ in range(rng.randrange(7)):
+            x, y, side = rng.uniform(0, 300), rng.uniform(0, 200), rng.uniform(8, 60)
+            boxes.append((x, y, x + side, y + side))
+        truths.append((boxes, [rng.randrange(3) for _ in boxes]))
+    candidate = [_noisy_detections(rng, t) for t in truths]
+    live = [_noisy_detections(rng, t) for t in truths]
+
+    # The reference: pycocotools run anew on each draw's images (the same draws: same seed).
+    draws = random.Random(7)
+    wins = 0
+    for _ in range(40):
+        pick = [draws.randrange(6) for _ in range(6)]
+        chosen = [truths[i] for i in pick]
+        a = detection_metrics([candidate[i] for i in pick], chosen, 3)[metric] or 0.0
+        b = detection_metrics([live[i] for i in pick], chosen, 3)[metric] or 0.0
+        wins += a > b
+    share = paired_bootstrap(candidate, live, truths, 3, metric=metric, resamples=40, seed=7)
+    assert share == wins / 40
+    assert 0.0 < share < 1.0  # the draws disagree: the comparison above is not vacuous
 
 
 def test_an_equal_candidate_never_wins() -> None:
