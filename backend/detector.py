@@ -9,6 +9,7 @@ decode it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,29 @@ from transformers import AutoModelForObjectDetection
 from label_studio_sahi.hub import PretrainedModel
 from label_studio_sahi.slicing import Detections, clip_boxes
 
+# DETR processors resize to a shortest and a longest edge; past this aspect ratio a thin
+# image's short side would shrink below one pixel (a 20000x8 strip). Such an image is padded
+# at the bottom or right (pixel coordinates hold) up to it; boxes are clipped to the image.
+MAX_INPUT_ASPECT = 16
+
+
+def input_size(height: int, width: int) -> tuple[int, int]:
+    """The ``(height, width)`` an image of this size is given to the model at."""
+    return (
+        max(height, math.ceil(width / MAX_INPUT_ASPECT)),
+        max(width, math.ceil(height / MAX_INPUT_ASPECT)),
+    )
+
+
+def _padded(image: np.ndarray) -> np.ndarray:
+    height, width = image.shape[:2]
+    size = input_size(height, width)
+    if size == (height, width):
+        return image
+    out = np.zeros((*size, *image.shape[2:]), dtype=image.dtype)
+    out[:height, :width] = image
+    return out
+
 
 class Detector(PretrainedModel):
     AUTO_MODEL = AutoModelForObjectDetection
@@ -26,7 +50,12 @@ class Detector(PretrainedModel):
 
     def preprocess(self, images: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
         """The checkpoint's own resize and normalisation, batched, on the model's device."""
-        inputs = self.processor(images=list(images), return_tensors="pt")
+        # The channel axis is named: a 1x1 or 3x3 array is otherwise guessed channels-first.
+        inputs = self.processor(
+            images=[_padded(i) for i in images],
+            return_tensors="pt",
+            input_data_format="channels_last",
+        )
         return {
             k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else v.dtype)
             for k, v in inputs.items()
@@ -46,7 +75,7 @@ class Detector(PretrainedModel):
             if getattr(outputs, key, None) is not None:
                 setattr(outputs, key, getattr(outputs, key).float())
         decoded = self.processor.post_process_object_detection(
-            outputs, threshold=threshold, target_sizes=list(sizes)
+            outputs, threshold=threshold, target_sizes=[input_size(h, w) for h, w in sizes]
         )
         result = []
         for item, (h, w) in zip(decoded, sizes, strict=True):

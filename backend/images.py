@@ -369,6 +369,7 @@ class ImageLoader:
             return self._download(self._require_ls_url(url) + url, url, ls=True)
 
         if scheme in ("http", "https"):
+            _check_host(url)
             ls_path = self._path_under_ls(url)
             if (
                 ls_path is not None
@@ -556,6 +557,17 @@ class ImageLoader:
         if self._api_key and self._api_key in exc.message:
             return type(exc)(exc.message.replace(self._api_key, "**********"))
         return exc
+
+
+def _check_host(url: str) -> None:
+    """An http(s) URL must name a host that DNS could look up (IDNA: labels of 1-63 chars)."""
+    try:
+        host = urlsplit(url).hostname
+        if not host:
+            raise ImageURLError(f"the image URL {_shown(url)} has no host")
+        host.encode("idna")
+    except (UnicodeError, ValueError):
+        raise ImageURLError(f"the image URL {_shown(url)} has an invalid host name") from None
 
 
 def _shown(url: str, *, keep_query: bool = False) -> str:

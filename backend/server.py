@@ -225,6 +225,8 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("request body is JSON nested too deeply to read") from None
 
 
 async def _body(request: Request) -> Any:

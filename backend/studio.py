@@ -74,6 +74,9 @@ class StudioResponseError(StudioError):
     code = "label_studio_error"
 
 
+MAX_PROJECT_ID_DIGITS = 18  # below 2**63: a Postgres bigint, as Label Studio stores ids
+
+
 def project_id(value: int | str) -> str:
     """A Label Studio project id, normalised: the one place where project ids are parsed.
 
@@ -81,14 +84,11 @@ def project_id(value: int | str) -> str:
     Studio sends in ``/predict`` requests; returns the number as a string (``"4"``), safe as a
     path segment, a Redis key part and a folder name. Anything else is a :class:`BadRequest`.
     """
-    if isinstance(value, bool):
-        raise BadRequest(f"not a Label Studio project id: {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise BadRequest(f"not a Label Studio project id: {value!r}")
-        return str(value)
-    head = str(value).strip().split(".", 1)[0]
-    if not head.isascii() or not head.isdigit():
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise BadRequest(f"not a Label Studio project id: {str(value)[:40]!r}")
+    head = str(value) if isinstance(value, int) else value.strip().split(".", 1)[0]
+    # Label Studio's ids are positive 64-bit integers: anything longer is not one of them.
+    if not head.isascii() or not head.isdigit() or len(head) > MAX_PROJECT_ID_DIGITS:
         raise BadRequest(f"not a Label Studio project id: {str(value)[:40]!r}")
     return str(int(head))
 

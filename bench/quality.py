@@ -53,6 +53,7 @@ from tests.fake_studio import FakeStudio
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED_BASE = ROOT / "tests" / "fixtures" / "models" / "source-base"
+TAG = parse_label_config(data.LABEL_CONFIG).rectangles[0]
 SLICE = data.SOURCE_SIZE  # windows at the scale the base was trained at
 
 
@@ -165,8 +166,10 @@ def run_seed(
     base: Path,
     work: Path,
     overrides: dict[str, Any],
+    base_score: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Rounds of labels for one seed; a row per round (round 0: the base)."""
+    """Rounds of labels for one seed; a row per round (round 0: the base, scored here
+    unless ``base_score`` has its test-split scores already: the same for every seed)."""
     torch.set_num_threads(1)  # also in a pool's worker process
     rows: list[dict[str, Any]] = []
     redis_server = EmbeddedRedis(work / f"redis-{seed}")
@@ -174,7 +177,7 @@ def run_seed(
     try:
         with FakeStudio() as fake:
             pid = fake.add_project(data.LABEL_CONFIG, title=f"quality seed {seed}")
-            tag = parse_label_config(data.LABEL_CONFIG).rectangles[0]
+            tag = TAG
             values: dict[str, Any] = {
                 "label_studio_url": fake.url,
                 "label_studio_api_key": fake.legacy_token,
@@ -195,8 +198,9 @@ def run_seed(
                      for i, s in enumerate(scenes)]  # fmt: skip
             bundle = project_bundle(settings, registry, str(pid))
             assert bundle.detector is not None
-            rows.append({"seed": seed, "labels": 0, "status": "base", "version": "base",
-                         **score(bundle.detector, tag, split, slicing, settings.score_threshold)})  # fmt: skip
+            if base_score is None:
+                base_score = score(bundle.detector, tag, split, slicing, settings.score_threshold)
+            rows.append({"seed": seed, "labels": 0, "status": "base", "version": "base", **base_score})  # fmt: skip
             labelled = 0
             for n in rounds:
                 for i in range(labelled, n):
@@ -360,7 +364,7 @@ def sahi_table(seed: int, labels: int, split: TestSplit, base: Path) -> list[dic
     from label_studio_sahi.training.dataset import LabelledTask
     from label_studio_sahi.training.job import finetune_detector
 
-    tag = parse_label_config(data.LABEL_CONFIG).rectangles[0]
+    tag = TAG
     scenes = [data.target_scene(s) for s in data.project_seeds(seed, labels)]
     train = [
         LabelledTask(i, f"{i}.png", tuple((data.LABEL_OF[c], tuple(map(float, b)))  # type: ignore[misc]
@@ -465,15 +469,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wall time {time.monotonic() - started:.0f} s")
             return 0
         rounds = sorted(args.rounds)
+        served = Settings(_env_file=None, slice_height=SLICE, slice_width=SLICE, **overrides)  # type: ignore[call-arg]
+        base_score = score(Detector.load(str(base), device="cpu"), TAG, split,
+                           SliceConfig.from_settings(served), served.score_threshold)  # fmt: skip
         if args.jobs > 1:
             with ProcessPoolExecutor(args.jobs) as pool:
-                runs = [pool.submit(run_seed, s, rounds, split, base, Path(tmp), overrides)
+                runs = [pool.submit(run_seed, s, rounds, split, base, Path(tmp), overrides, base_score)
                         for s in args.seeds]  # fmt: skip
                 for run in runs:
                     rows += run.result()
         else:
             for seed in args.seeds:
-                rows += run_seed(seed, rounds, split, base, Path(tmp), overrides)
+                rows += run_seed(seed, rounds, split, base, Path(tmp), overrides, base_score)
     print(f"benchmark wall time {time.monotonic() - started:.0f} s")
     print(table(rows))
     print()

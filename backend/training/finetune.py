@@ -286,7 +286,9 @@ def train_detector(
         batch = [draw(rng) for _ in range(settings.train_batch_size)]
         if settings.train_augment:
             batch = [augment(s, rng) for s in batch]
-        inputs = processor(images=[s.image for s in batch], return_tensors="pt")
+        inputs = processor(
+            images=[s.image for s in batch], return_tensors="pt", input_data_format="channels_last"
+        )
         pixel_mask = inputs.get("pixel_mask")
         out = model(
             pixel_values=inputs["pixel_values"].to(device),
@@ -318,9 +320,11 @@ def train_classifier(
 
     def loss_of() -> torch.Tensor:
         batch = [rng.choice(indices) for _ in range(settings.train_batch_size)]
-        pixels = processor(images=[images[i] for i in batch], return_tensors="pt")[
-            "pixel_values"
-        ].to(device)
+        pixels = processor(
+            images=[images[i] for i in batch],
+            return_tensors="pt",
+            input_data_format="channels_last",
+        )["pixel_values"].to(device)
         target = torch.tensor([labels[i] for i in batch], device=device)
         return nn.functional.cross_entropy(model(pixel_values=pixels).logits.float(), target)
 
