@@ -20,7 +20,14 @@ from label_studio_sahi.images import ImageLoader
 from label_studio_sahi.labeling import parse_label_config
 from label_studio_sahi.models import project_bundle
 from label_studio_sahi.predict import Predictor
-from label_studio_sahi.queueing import WAITING, ProgressWriter, enqueue_unique, fetch_job, job_redis
+from label_studio_sahi.queueing import (
+    WAITING,
+    ProgressWriter,
+    enqueue_lock,
+    enqueue_unique,
+    fetch_job,
+    job_redis,
+)
 from label_studio_sahi.registry import Registry
 from label_studio_sahi.settings import Settings, get_settings
 from label_studio_sahi.studio import StudioClient
@@ -33,15 +40,16 @@ def enqueue_bulk(
 ) -> Job:
     """The project's bulk job: the one already waiting or running, or a new one."""
     which = "tasks without a current prediction" if only_missing else "all tasks"
-    job, _ = enqueue_unique(
-        Queue(settings.predict_queue, connection=client),
-        names.BULK_JOB,
-        (project, only_missing),
-        job_id=names.bulk_job_id(project),
-        reuse=WAITING | {JobStatus.STARTED},
-        settings=settings,
-        description=f"predict project {project} ({which})",
-    )
+    with enqueue_lock(client, names.bulk_job_id(project)):
+        job, _ = enqueue_unique(
+            Queue(settings.predict_queue, connection=client),
+            names.BULK_JOB,
+            (project, only_missing),
+            job_id=names.bulk_job_id(project),
+            reuse=WAITING | {JobStatus.STARTED},
+            settings=settings,
+            description=f"predict project {project} ({which})",
+        )
     return job
 
 

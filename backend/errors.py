@@ -106,6 +106,13 @@ class ImageFormatError(ImageError):
     code = "unsupported_image"
 
 
+class Busy(BackendError):
+    """A shared resource (a lock, Redis) did not answer in time; trying again may work."""
+
+    status = 503
+    code = "busy"
+
+
 class ModelLoadError(BackendError):
     """A model could not be loaded from a hub id or local folder."""
 

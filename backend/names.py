@@ -40,7 +40,7 @@ def bulk_job_id(project: str) -> str:
 # Annotation changes counted towards TRAIN_AFTER_ANNOTATIONS: renaming forgets the counts.
 CHANGES_KEY = "ls-sahi:changes:{project}"
 # Short lock around check-then-enqueue, shared by every serving process: all must agree.
-ENQUEUE_LOCK_KEY = "ls-sahi:enqueue-lock:{project}"
+ENQUEUE_LOCK_KEY = "ls-sahi:enqueue-lock:{job_id}"
 # The live version of a project: renaming sends every project back to its base model.
 LIVE_KEY = "ls-sahi:live:{project}"
 LIVE_PATTERN = LIVE_KEY.format(project="*")

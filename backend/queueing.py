@@ -10,7 +10,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager, suppress
 from datetime import timedelta
 from typing import Any
 
@@ -19,9 +20,12 @@ from rq import Queue, Retry, get_current_job
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
+from label_studio_sahi import names
+from label_studio_sahi.errors import Busy
 from label_studio_sahi.redis_server import connect, ensure_redis
 from label_studio_sahi.settings import Settings
 
+ENQUEUE_LOCK_WAIT = 2.0  # seconds a request waits for the enqueue lock before a 503
 WAITING = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED})
 PROGRESS_EVERY = 2.0  # seconds between progress writes to Redis
 RESULT_TTL = 7 * 24 * 3600  # finished and failed jobs stay visible (rq info, /bulk-predict) a week
@@ -32,6 +36,26 @@ def fetch_job(client: redis.Redis, job_id: str) -> Job | None:
         return Job.fetch(job_id, connection=client)
     except NoSuchJobError:
         return None
+
+
+@contextmanager
+def enqueue_lock(client: redis.Redis, job_id: str) -> Iterator[None]:
+    """Serialises check-then-enqueue of ``job_id`` across threads and serving processes;
+    :class:`Busy` (503) when another holder keeps it past ``ENQUEUE_LOCK_WAIT``."""
+    lock = client.lock(
+        names.ENQUEUE_LOCK_KEY.format(job_id=job_id), timeout=30, blocking_timeout=ENQUEUE_LOCK_WAIT
+    )
+    try:
+        acquired = lock.acquire()
+    except redis.RedisError as exc:
+        raise Busy(f"Redis did not answer ({type(exc).__name__}); try again") from None
+    if not acquired:
+        raise Busy(f"another request is queueing job {job_id}; try again in a moment")
+    try:
+        yield
+    finally:
+        with suppress(redis.exceptions.LockError):  # expired meanwhile: nothing to release
+            lock.release()
 
 
 def enqueue_unique(
@@ -47,13 +71,19 @@ def enqueue_unique(
     retry: bool = False,
 ) -> tuple[Job, bool]:
     """``(job, created)``: the job ``job_id`` when its status is in ``reuse``, else a new
-    one (after ``delay`` seconds) that replaces the finished or failed one.
+    one (after ``delay`` seconds) that replaces the finished or failed one. A reused job
+    that waits for a later time is queued now when this call asks for no delay (the Train
+    button during a debounce).
 
-    Callers serialise calls per id (a Redis lock) where two processes may race.
+    Callers hold :func:`enqueue_lock` for ``job_id``: two processes may race.
     """
     job = fetch_job(queue.connection, job_id)
     if job is not None:
-        if job.get_status() in reuse:
+        status = job.get_status()
+        if status in reuse:
+            if status == JobStatus.SCHEDULED and delay <= 0:
+                queue.scheduled_job_registry.requeue(job)
+                job.refresh()
             return job, False
         job.delete()  # finished or failed: its id is free for the next run
     options: dict[str, Any] = {

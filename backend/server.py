@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import redis
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -33,6 +34,7 @@ from label_studio_sahi.bulk_predict import enqueue_bulk, job_progress
 from label_studio_sahi.errors import (
     BackendError,
     BadRequest,
+    Busy,
     HTTPError,
     InternalError,
     RequestTooLarge,
@@ -99,6 +101,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     app.exception_handler(BackendError)(_backend_error)
     app.exception_handler(ValidationError)(_validation_error)
     app.exception_handler(StarletteHTTPException)(_http_error)
+    app.exception_handler(redis.RedisError)(_redis_error)
     app.exception_handler(Exception)(_unexpected_error)
     app.include_router(router)
     return app
@@ -189,6 +192,11 @@ async def _validation_error(_: Request, exc: ValidationError) -> JSONResponse:
 async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     # Starlette's own: an unknown route (404), a wrong method (405).
     return error_response(HTTPError(str(exc.detail), status=exc.status_code))
+
+
+async def _redis_error(_: Request, exc: redis.RedisError) -> JSONResponse:
+    log.warning("redis_error type=%s", type(exc).__name__)
+    return error_response(Busy(f"Redis is unavailable ({type(exc).__name__}); try again"))
 
 
 async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
@@ -305,8 +313,11 @@ def _predict_answer(
 @router.post("/webhook")
 async def webhook(request: Request) -> JSONResponse:
     body = await _body(request)
-    event = body if isinstance(body, dict) else {}
-    status, answer = _service(request).on_webhook(event)
+    if not isinstance(body, dict):
+        raise BadRequest(f"a webhook body is a JSON object, not {type(body).__name__}")
+    event = body
+    # Redis and its lock are blocking calls: off the event loop, which serves /health too.
+    status, answer = await anyio.to_thread.run_sync(_service(request).on_webhook, event)
     log.info("webhook action=%s answer=%s", event.get("action"), answer.get("status"))
     return JSONResponse(answer, status_code=status)
 
@@ -317,8 +328,8 @@ async def bulk_predict(request: Request) -> JSONResponse:
     service = _service(request)
     if service.redis is None:
         raise BadRequest(NEEDS_REDIS)
-    job = enqueue_bulk(
-        service.redis, _settings(request), project_id(body.project), body.only_missing
+    job = await anyio.to_thread.run_sync(
+        enqueue_bulk, service.redis, _settings(request), project_id(body.project), body.only_missing
     )
     return JSONResponse(
         {"job": job.id, "status": str(job.get_status(refresh=False))}, status_code=202

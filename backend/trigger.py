@@ -20,7 +20,7 @@ from rq.job import Job, JobStatus
 
 from label_studio_sahi import names
 from label_studio_sahi.errors import BadRequest
-from label_studio_sahi.queueing import WAITING, enqueue_unique
+from label_studio_sahi.queueing import WAITING, enqueue_lock, enqueue_unique
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.studio import project_id
 
@@ -35,9 +35,17 @@ COUNTED_ACTIONS = {
 
 
 def _project_of(body: dict[str, Any]) -> str | None:
-    """The event's project id (``BadRequest`` when it is not one), or None when absent."""
+    """The event's project id (``BadRequest`` when it is not one), or None when absent.
+
+    Label Studio sends the project as an object; anything else is not its webhook."""
     project = body.get("project")
-    value = project.get("id") if isinstance(project, dict) else project
+    if project is None:
+        return None
+    if not isinstance(project, dict):
+        raise BadRequest(
+            f"the webhook's 'project' must be an object with an 'id', not {type(project).__name__}"
+        )
+    value = project.get("id")
     return project_id(value) if value not in (None, "") else None
 
 
@@ -85,9 +93,8 @@ class TrainingTrigger:
     def enqueue(self, project: str, reason: str, delay: float) -> Job:
         """The project's job: the one already waiting or running, or a new one (after
         ``delay`` seconds)."""
-        # A short lock makes check-then-enqueue atomic across threads and serving processes.
-        lock = names.ENQUEUE_LOCK_KEY.format(project=project)
-        with self.redis.lock(lock, timeout=30, blocking_timeout=10):
+        # The lock makes check-then-enqueue, and clearing the count, one step.
+        with enqueue_lock(self.redis, names.train_job_id(project)):
             # A retry of this job reuses run_id, which is how a run knows it already published.
             job, created = enqueue_unique(
                 self.queue,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from rq import Queue
 from rq.job import Job, JobStatus
 from servers import make_settings
 
-from label_studio_sahi.names import TRAIN_JOB, train_job_id
+from label_studio_sahi.errors import Busy
+from label_studio_sahi.names import ENQUEUE_LOCK_KEY, TRAIN_JOB, train_job_id
 from label_studio_sahi.trigger import TrainingTrigger
 
 
@@ -96,3 +98,40 @@ def test_events_during_a_running_job_are_kept_for_the_next_run(redis_client: Any
     job.set_status(JobStatus.FINISHED)
     trigger.on_webhook(_event("ANNOTATION_CREATED"))
     assert Job.fetch(train_job_id("1"), connection=redis_client).get_status() == JobStatus.QUEUED
+
+
+def test_the_train_button_starts_a_job_that_waits_out_its_debounce(redis_client: Any) -> None:
+    trigger = _trigger(redis_client, train_after_annotations=1)
+    trigger.settings = trigger.settings.model_copy(update={"train_debounce_seconds": 600})
+    trigger.on_webhook(_event("ANNOTATION_CREATED"))
+    assert Job.fetch(train_job_id("1"), connection=redis_client).get_status() == JobStatus.SCHEDULED
+
+    status, body = trigger.on_webhook(_event("START_TRAINING"))
+
+    assert status == 201 and body["job_status"] == JobStatus.QUEUED
+    [job] = _queued(redis_client)  # the same job, not a second one, and queued now
+    assert job.id == train_job_id("1")
+    assert Queue("ls-sahi-train", connection=redis_client).scheduled_job_registry.count == 0
+
+
+def test_a_webhook_whose_project_is_not_an_object_is_refused_and_not_counted(
+    redis_client: Any,
+) -> None:
+    trigger = _trigger(redis_client)
+    for project in ("7", 7, ["7"], "1 2"):
+        status, body = trigger.on_webhook({"action": "ANNOTATION_CREATED", "project": project})
+        assert status == 400 and "project" in body["detail"], body
+    for bad_id in ("1 2", "1:x", "a/b", -1, True, 10**20):
+        status, body = trigger.on_webhook(_event("START_TRAINING", project=bad_id))  # type: ignore[arg-type]
+        assert status == 400 and "project id" in body["detail"], body
+    assert redis_client.keys("ls-sahi:changes:*") == [] and _queued(redis_client) == []
+
+
+def test_a_held_enqueue_lock_answers_busy_at_once_instead_of_waiting(redis_client: Any) -> None:
+    lock = redis_client.lock(ENQUEUE_LOCK_KEY.format(job_id=train_job_id("1")), timeout=30)
+    assert lock.acquire()
+    with pytest.raises(Busy) as refused:
+        _trigger(redis_client).on_webhook(_event("START_TRAINING"))
+    assert refused.value.status == 503 and "try again" in refused.value.message
+    lock.release()
+    assert _trigger(redis_client).on_webhook(_event("START_TRAINING"))[0] == 201
