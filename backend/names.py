@@ -62,6 +62,9 @@ TRASH_PREFIX = ".trash-"
 # The embedded Redis (socket and AOF) of a MODEL_DIR: renaming starts an empty queue.
 REDIS_DIR = "redis"
 REDIS_SOCKET = "redis.sock"
+# The generated basic-auth login of a MODEL_DIR: renaming generates a new password, and
+# Label Studio's stored one stops working until ls-sahi-connect runs again.
+AUTH_FILE = "auth.json"
 # A project id as a folder and key part: digits, letters, '_' and '-' (never ':' or '/').
 PROJECT_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from label_studio_sahi import __version__, metrics
+from label_studio_sahi.auth import Credentials, credentials
 from label_studio_sahi.bulk_predict import enqueue_bulk, job_progress
 from label_studio_sahi.errors import (
     BackendError,
@@ -50,7 +51,7 @@ from label_studio_sahi.studio import project_id
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "SahiDetrBackend"
-OPEN_ROUTES = {"/", "/health", "/metrics"}
+OPEN_ROUTES = {"/", "/health"}  # what Label Studio and probes call before any login
 NEEDS_REDIS = "bulk predictions need Redis and a worker (REDIS_URL, ls-sahi worker)"
 
 router = APIRouter()
@@ -95,6 +96,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     app = FastAPI(title="label-studio-sahi", version=__version__, lifespan=_lifespan)
     app.state.settings = settings
     app.state.service = service
+    app.state.credentials = credentials(settings)
     # Concurrent /predict requests per process; the rest wait (Label Studio retries nothing).
     app.state.limiter = anyio.CapacityLimiter(settings.threads)
     app.middleware("http")(_observe)
@@ -140,7 +142,7 @@ async def _observe(
     route = request.url.path
     start = time.perf_counter()
     try:
-        _check_basic_auth(request, _settings(request))
+        _check_basic_auth(request)
         response = await call_next(request)
     except BackendError as exc:
         response = error_response(exc)
@@ -157,20 +159,28 @@ async def _observe(
     return response
 
 
-def _check_basic_auth(request: Request, settings: Settings) -> None:
-    if not settings.basic_auth_user or request.url.path in OPEN_ROUTES:
+def _check_basic_auth(request: Request) -> None:
+    login: Credentials | None = request.app.state.credentials
+    path = request.url.path
+    if (
+        login is None
+        or path in OPEN_ROUTES
+        or (path == "/metrics" and _settings(request).metrics_open)
+    ):
         return
-    password = settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass else ""
-    expected = f"{settings.basic_auth_user}:{password}"
     header = request.headers.get("authorization", "")
-    given = ""
-    if header.lower().startswith("basic "):
+    given = b""
+    if header[:6].lower() == "basic ":
         try:
-            given = base64.b64decode(header[6:]).decode()
+            given = base64.b64decode(header[6:], validate=True)
         except ValueError:
-            given = ""
-    if not secrets.compare_digest(given.encode(), expected.encode()):
-        raise Unauthorized("basic auth required (BASIC_AUTH_USER / BASIC_AUTH_PASS are set)")
+            given = b""
+    expected = f"{login.user}:{login.password}".encode()
+    if not secrets.compare_digest(given, expected):
+        raise Unauthorized(
+            "basic auth required: the login is BASIC_AUTH_USER / BASIC_AUTH_PASS, or the one "
+            "generated in MODEL_DIR/auth.json (ls-sahi-connect gives it to Label Studio)"
+        )
 
 
 # --------------------------------------------------------------------------- errors
@@ -178,7 +188,8 @@ def _check_basic_auth(request: Request, settings: Settings) -> None:
 
 def error_response(exc: BackendError) -> JSONResponse:
     """The JSON answer for an error: ``{"error", "detail", "status_code"}`` with its status."""
-    return JSONResponse(exc.to_json(), status_code=exc.status)
+    headers = {"WWW-Authenticate": 'Basic realm="label-studio-sahi"'} if exc.status == 401 else None
+    return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
 
 
 async def _backend_error(_: Request, exc: BackendError) -> JSONResponse:

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from label_studio_sahi import names
@@ -35,8 +35,23 @@ class Settings(BaseSettings):
     )
     threads: int = Field(4, ge=1, description="Concurrent /predict requests per process.")
     log_level: str = Field("INFO", description="Python log level.")
-    basic_auth_user: str | None = Field(None, description="If set, requests need HTTP basic auth.")
-    basic_auth_pass: SecretStr | None = Field(None, description="Password for basic auth.")
+    auth: Literal["auto", "basic", "off"] = Field(
+        "auto",
+        description="HTTP basic auth: `auto` = on unless HOST is a loopback address; `basic` = "
+        "always; `off` = never (only behind a proxy that authenticates).",
+    )
+    basic_auth_user: str | None = Field(
+        None,
+        description="Basic-auth user; unset with auth on: `label-studio` and a generated "
+        "password, kept in MODEL_DIR/auth.json.",
+    )
+    basic_auth_pass: SecretStr | None = Field(
+        None, description="Basic-auth password (required, non-empty, with BASIC_AUTH_USER)."
+    )
+    metrics_open: bool = Field(
+        False,
+        description="Serve /metrics without auth (a Prometheus scraper on a private network).",
+    )
 
     # --- Label Studio -------------------------------------------------------------------
     label_studio_url: str | None = Field(
@@ -205,6 +220,15 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.lstrip().startswith("["):
             return [part.strip().upper() for part in value.split(",") if part.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _password_with_user(self) -> Settings:
+        # An empty password is as good as none: refuse it rather than accept ":" as a login.
+        if self.basic_auth_user and not (
+            self.basic_auth_pass and self.basic_auth_pass.get_secret_value()
+        ):
+            raise ValueError("BASIC_AUTH_USER is set but BASIC_AUTH_PASS is empty: set both")
+        return self
 
     @field_validator("slice_height", "slice_width", mode="before")
     @classmethod

@@ -18,11 +18,15 @@ import os
 import sys
 from collections.abc import Sequence
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-# The one piece of the backend the plugin uses: both kinds of Label Studio token.
+# The pieces of the backend the plugin uses: both kinds of Label Studio token, and the
+# backend's own login (to hand to Label Studio).
+from label_studio_sahi.auth import Credentials, stored_login
+from label_studio_sahi.settings import Settings
 from label_studio_sahi.studio_auth import LabelStudioAuth, TokenRefreshError
 
 TEMPLATES = {"boxes": "boxes.xml", "boxes-scenes": "boxes_and_scenes.xml", "classes": "classes.xml"}
@@ -82,8 +86,12 @@ def connect(
     title: str | None = None,
     template_name: str | None = "boxes",
     backend_title: str = "label-studio-sahi",
+    login: Credentials | None = None,
 ) -> tuple[int, list[str]]:
-    """Wire a project to the backend; returns ``(project id, what was done)``."""
+    """Wire a project to the backend; returns ``(project id, what was done)``.
+
+    ``login`` is the backend's basic-auth login: Label Studio gets it when the backend asks
+    for one (its ML backend auth and the webhook's Authorization header)."""
     done: list[str] = []
     backend_url = backend_url.rstrip("/")
     try:
@@ -92,6 +100,7 @@ def connect(
         raise ConnectError(
             f"the backend at {backend_url} does not answer /health ({type(exc).__name__}); start it with `ls-sahi up`"
         ) from exc
+    login = _backend_login(backend_url, login)
     studio.call("GET", "/api/current-user/whoami")
 
     config = template(template_name) if template_name else None
@@ -162,6 +171,43 @@ def connect(
     return pid, done
 
 
+def _backend_login(backend_url: str, login: Credentials | None) -> Credentials | None:
+    """The login Label Studio must send: ``None`` for an open backend; refuses a login the
+    backend does not accept, and a locked backend without one."""
+    try:
+        open_answer = httpx.get(f"{backend_url}/versions", timeout=TIMEOUT)
+        if open_answer.status_code != 401:
+            return None
+        if login is None:
+            raise ConnectError(
+                f"the backend at {backend_url} asks for a login: set BASIC_AUTH_USER and "
+                "BASIC_AUTH_PASS, or MODEL_DIR to the backend's (its generated auth.json)"
+            )
+        checked = httpx.get(
+            f"{backend_url}/versions", auth=(login.user, login.password), timeout=TIMEOUT
+        )
+    except httpx.HTTPError as exc:
+        raise ConnectError(
+            f"the backend at {backend_url} did not answer ({type(exc).__name__})"
+        ) from exc
+    if checked.status_code == 401:
+        raise ConnectError(f"the backend at {backend_url} refused the login of user '{login.user}'")
+    return login
+
+
+def local_login() -> Credentials | None:
+    """The backend login this machine knows: BASIC_AUTH_USER / BASIC_AUTH_PASS, else the
+    one the backend generated in MODEL_DIR."""
+    user, password = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
+    if user and password:
+        return Credentials(user, password)
+    try:
+        model_dir = os.environ.get("MODEL_DIR") or Settings.model_fields["model_dir"].default
+        return stored_login(Path(model_dir).expanduser())
+    except RuntimeError as exc:
+        raise ConnectError(str(exc)) from None
+
+
 def _find_project(
     studio: Studio, project_id: int | None, title: str | None
 ) -> dict[str, Any] | None:
@@ -211,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         pid, done = connect(
             Studio(args.label_studio, api_key), args.backend, project_id=args.project, title=args.title,
-            template_name=None if args.template == "keep" else args.template,
+            template_name=None if args.template == "keep" else args.template, login=local_login(),
         )  # fmt: skip
     except ConnectError as exc:
         print(f"ls-sahi-connect: error: {exc}", file=sys.stderr)

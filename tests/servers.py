@@ -24,6 +24,8 @@ def make_settings(**overrides: Any) -> Settings:
         "score_threshold": 0.3,
         "device": "cpu",
         "window_batch_size": 4,
+        # Tests serve on loopback: auth stays off unless a test asks for it (test_auth.py).
+        "host": "127.0.0.1",
         # Never the user's real MODEL_DIR (~/.local/share/label-studio-sahi).
         "model_dir": Path(tempfile.mkdtemp(prefix="ls-sahi-models-")),
     }

@@ -61,6 +61,13 @@ class Backend:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+    model_dir: Path
+
+    @property
+    def client(self) -> httpx.Client:
+        """Calls with the login the backend generated (it runs with AUTH=basic)."""
+        login = json.loads((self.model_dir / "auth.json").read_text())
+        return httpx.Client(base_url=self.url, auth=(login["user"], login["password"]), timeout=60)
 
     def stop(self) -> list[psutil.Process]:
         children = psutil.Process(self.process.pid).children(recursive=True)
@@ -107,6 +114,9 @@ def backend(
         SLICE_HEIGHT="128", SLICE_WIDTH="128", TORCH_THREADS="1",
         TRAIN_AFTER_ANNOTATIONS=str(N_UPLOADED + N_LOCAL), TRAIN_DEBOUNCE_SECONDS="0",
         SWAP_POLL_SECONDS="1", WORKER_MAINTENANCE_INTERVAL="5",
+        # Auth as on a network (loopback would turn it off): a generated login, which
+        # ls-sahi-connect must hand to Label Studio for predictions and webhooks to work.
+        AUTH="basic",
     )  # fmt: skip
     log = run_dir / "backend.log"
     process = subprocess.Popen(
@@ -116,7 +126,7 @@ def backend(
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
-    running = Backend(f"http://127.0.0.1:{port}", process, log)
+    running = Backend(f"http://127.0.0.1:{port}", process, log, run_dir / "models")
     wait_for_health(running.url, process, log.read_text)
     yield running
     children = running.stop()
@@ -125,7 +135,8 @@ def backend(
 
 
 def _connect(studio: StudioServer, backend: Backend, api_key: str, *args: str) -> dict[str, Any]:
-    env = {**os.environ, "LABEL_STUDIO_URL": studio.url, "LABEL_STUDIO_API_KEY": api_key}
+    env = {**os.environ, "LABEL_STUDIO_URL": studio.url, "LABEL_STUDIO_API_KEY": api_key,
+           "MODEL_DIR": str(backend.model_dir)}  # where connect finds the backend's login  # fmt: skip
     run = subprocess.run(
         [sys.executable, "-m", "label_studio_sahi.plugin.connect", "--backend", backend.url, "--json", *args],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -165,9 +176,7 @@ def _retrieve(studio: StudioServer, project: int) -> None:
 
 def _live_version(backend: Backend, project: int) -> str:
     return str(
-        httpx.post(f"{backend.url}/setup", json={"project": str(project)}, timeout=30).json()[
-            "model_version"
-        ]
+        backend.client.post("/setup", json={"project": str(project)}).json()["model_version"]
     )
 
 
@@ -191,6 +200,11 @@ def test_label_studio_end_to_end(studio: StudioServer, backend: Backend, run_dir
         == []
     )
     base_version = _live_version(backend, project)
+    # Without the login nobody else can train or write predictions through the backend.
+    stranger = httpx.post(
+        f"{backend.url}/webhook", json={"action": "START_TRAINING", "project": {"id": project}}
+    )
+    assert stranger.status_code == 401
 
     # 2. Import images: by upload, and from local storage.
     scenes = [_scene(i) for i in range(N_UPLOADED + N_LOCAL)]
@@ -239,7 +253,7 @@ def test_label_studio_end_to_end(studio: StudioServer, backend: Backend, run_dir
             "POST", f"/api/tasks/{task['id']}/annotations", json={"result": scenes[i][1]}
         )
         assert answer.status_code == 201, answer.text
-    metrics = httpx.get(f"{backend.url}/metrics").text
+    metrics = backend.client.get("/metrics").text
     webhooks = sum(
         float(line.split()[-1])
         for line in metrics.splitlines()
@@ -291,13 +305,11 @@ def test_label_studio_end_to_end(studio: StudioServer, backend: Backend, run_dir
 
     # 7. Bulk predictions for curators: every task again, written through Label Studio's API.
     before = len(_predictions(studio, project))
-    queued = httpx.post(
-        f"{backend.url}/bulk-predict", json={"project": project, "only_missing": False}
-    )
+    queued = backend.client.post("/bulk-predict", json={"project": project, "only_missing": False})
     assert queued.status_code == 202
 
     def bulk_done() -> dict[str, Any] | None:
-        progress = httpx.get(f"{backend.url}/bulk-predict/{project}").json()
+        progress = backend.client.get(f"/bulk-predict/{project}").json()
         return progress if progress["status"] in ("finished", "failed") else None
 
     deadline = time.monotonic() + 180
@@ -336,7 +348,7 @@ def _wait_for_new_version(backend: Backend, project: int, old: str, timeout: flo
 def _wait_for_versions(backend: Backend, project: int, count: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        versions = httpx.get(f"{backend.url}/versions", params={"project": str(project)}).json()[
+        versions = backend.client.get("/versions", params={"project": str(project)}).json()[
             "versions"
         ]
         if len([v for v in versions if v.startswith(f"p{project}-")]) >= count:
