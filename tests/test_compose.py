@@ -268,6 +268,17 @@ def test_backend_port_matches_settings_and_dockerfile_expose(
     assert f":{port}/health" in healthcheck_text(services["backend"])
 
 
+def test_only_label_studio_is_published_beyond_the_hosts_loopback(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name, service in services.items():
+        for port in service.get("ports") or []:
+            text = interpolate(port) if isinstance(port, str) else str(port.get("host_ip", ""))
+            if name != "label-studio":
+                assert text.startswith("127.0.0.1:"), f"{name} publishes {port} to the network"
+    assert not services["redis"].get("ports") and not services["worker"].get("ports")
+
+
 def test_backend_and_worker_share_the_models_volume_at_model_dir(
     compose: dict[str, Any], services: dict[str, dict[str, Any]]
 ) -> None:
