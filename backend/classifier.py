@@ -22,10 +22,7 @@ class Classifier(PretrainedModel):
 
     def probabilities(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """``[len(images), num_classes]`` class probabilities (softmax, or sigmoid if multi-label)."""
-        # The channel axis is named: a 1x1 or 3x3 array is otherwise guessed channels-first.
-        inputs = self.processor(
-            images=list(images), return_tensors="pt", input_data_format="channels_last"
-        )
+        inputs = self.process(images)
         pixels = inputs["pixel_values"].to(self.device, dtype=self.dtype)
         with self._lock, torch.inference_mode():
             logits = self.model(pixel_values=pixels).logits.float()

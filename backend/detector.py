@@ -50,12 +50,7 @@ class Detector(PretrainedModel):
 
     def preprocess(self, images: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
         """The checkpoint's own resize and normalisation, batched, on the model's device."""
-        # The channel axis is named: a 1x1 or 3x3 array is otherwise guessed channels-first.
-        inputs = self.processor(
-            images=[_padded(i) for i in images],
-            return_tensors="pt",
-            input_data_format="channels_last",
-        )
+        inputs = self.process([_padded(i) for i in images])
         return {
             k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else v.dtype)
             for k, v in inputs.items()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -100,6 +102,19 @@ def half_dtype(device: torch.device, half_precision: bool) -> torch.dtype:
     return torch.float16 if half_precision and device.type == "cuda" else torch.float32
 
 
+def process_images(processor: Any, images: Sequence[Any]) -> Any:
+    """``processor``'s batch of ``images`` (HWC arrays or PIL images) as torch tensors.
+
+    The channel axis is named where the processor takes it: a 1x1 or 3x3 array is
+    otherwise guessed channels-first. (timm's processors take no such argument.)"""
+    parameters = inspect.signature(processor.preprocess).parameters.values()
+    takes = any(
+        p.name == "input_data_format" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
+    )
+    extra = {"input_data_format": "channels_last"} if takes else {}
+    return processor(images=list(images), return_tensors="pt", **extra)
+
+
 @dataclass
 class PretrainedModel:
     """A transformers model with its processor, on its device, named by its version.
@@ -131,6 +146,9 @@ class PretrainedModel:
         dev = resolve_device(device)
         version = f"{short_name(source)}@{checkpoint_revision(source, model)}"
         return cls(model, processor, dev, half_dtype(dev, half_precision), version)
+
+    def process(self, images: Sequence[Any]) -> Any:
+        return process_images(self.processor, images)
 
     @property
     def id2label(self) -> dict[int, str]:

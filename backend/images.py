@@ -30,6 +30,7 @@ import logging
 import re
 import stat
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -37,6 +38,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import httpx
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from label_studio_sahi.egress import EgressPolicy
 from label_studio_sahi.errors import (
     ImageError,
     ImageForbidden,
@@ -53,6 +55,8 @@ log = logging.getLogger(__name__)
 CLOUD_SCHEMES = frozenset({"s3", "gs", "gcs", "azure-blob"})
 LOCAL_FILES_PATH = "/data/local-files"
 MAX_REDIRECTS = 5
+RATE_GRACE_SECONDS = 5.0  # a slow start (TLS, a cold storage) is not a drip yet
+PRESIGN_PATH = re.compile(r"/tasks/\d+/presign/?")
 _MAX_SHOWN_URL = 200
 
 # Magic numbers of common formats. PIL is only allowed to try the formats in
@@ -302,13 +306,12 @@ class ImageLoader:
             pool=settings.image_read_timeout,
         )
         self._owns_client = client is None
-        self._client = client or httpx.Client(
-            timeout=self._timeout, follow_redirects=True, max_redirects=MAX_REDIRECTS
-        )
+        self._client = client or httpx.Client(timeout=self._timeout, follow_redirects=False)
         self._ls_url = (settings.label_studio_url or "").strip().rstrip("/") or None
         key = settings.label_studio_api_key
         self._api_key = key.get_secret_value().strip() if key is not None else ""
         self._auth: LabelStudioAuth | None = None
+        self._egress = EgressPolicy(settings.egress_allow, [self._ls_url])
         if self._ls_url and self._api_key and urlsplit(self._ls_url).scheme in ("http", "https"):
             self._auth = LabelStudioAuth(self._api_key, self._ls_url)
 
@@ -463,70 +466,116 @@ class ImageLoader:
         ls: bool,
         params: dict[str, str] | None = None,
     ) -> bytes:
-        """GET ``url`` streaming, within the byte cap; ``original`` is the task's URL.
+        """GET ``url`` streaming, within the byte cap, the deadline and the rate floor;
+        ``original`` is the task's URL (for messages).
 
-        ``auth`` is passed explicitly even when None, so that an injected client's own
-        auth never applies to URLs outside Label Studio.
+        Redirects are followed here, not by httpx, so that every hop passes the egress
+        policy and the token goes only to Label Studio's own /data/ and presign paths: never
+        to the storage a presign redirects to, nor to any other origin. ``auth`` is passed
+        explicitly even when None, so that an injected client's own auth never applies.
         """
-        limit = self._settings.max_image_bytes
         where = _shown(original, keep_query=ls)
-        auth = self._auth if ls else None
-        log.debug("fetching image %s", where)
-        try:
-            with self._client.stream(
-                "GET",
-                url,
-                params=params,
-                auth=auth,
-                follow_redirects=True,
-                timeout=self._timeout,
-                # Images are already compressed; identity also avoids gzip bombs.
-                headers={"Accept": "image/*, */*;q=0.5", "Accept-Encoding": "identity"},
-            ) as response:
-                self._check_status(response, where, ls=ls)
-                declared = response.headers.get("Content-Length", "").strip()
-                if declared.isdigit() and int(declared) > limit:
-                    raise ImageTooLarge(
-                        f"{where} is {_size(int(declared))}, over MAX_IMAGE_BYTES ({_size(limit)})"
-                    )
-                chunks: list[bytes] = []
-                received = 0
-                for chunk in response.iter_bytes():
-                    received += len(chunk)
-                    if received > limit:  # Content-Length missing or lying: stop here
-                        raise ImageTooLarge(
-                            f"{where} is over MAX_IMAGE_BYTES ({_size(limit)}); stopped downloading"
-                        )
-                    chunks.append(chunk)
-                return b"".join(chunks)
-        except httpx.ConnectTimeout:
-            raise ImageUnreachable(
-                f"timed out connecting for {where} after "
-                f"{self._settings.image_connect_timeout:g} s (IMAGE_CONNECT_TIMEOUT)"
-            ) from None
-        except httpx.TimeoutException:
-            raise ImageUnreachable(
-                f"timed out waiting for the image bytes of {where} after "
-                f"{self._settings.image_read_timeout:g} s (IMAGE_READ_TIMEOUT)"
-            ) from None
-        except TokenRefreshError as exc:
-            raise ImageUnreachable(
-                f"{exc}; check LABEL_STUDIO_API_KEY (needed for {where})"
-            ) from None
-        except httpx.TooManyRedirects:
-            raise ImageUnreachable(
-                f"more than {MAX_REDIRECTS} redirects while fetching {where}"
-            ) from None
-        except httpx.ConnectError as exc:
-            raise ImageUnreachable(f"cannot connect to the server of {where}: {exc}") from None
-        except httpx.RemoteProtocolError:
-            raise ImageUnreachable(
-                f"the connection closed before the whole image of {where} arrived"
-            ) from None
-        except (httpx.InvalidURL, httpx.UnsupportedProtocol):
-            raise ImageURLError(f"invalid image URL {where}") from None
-        except httpx.HTTPError as exc:
-            raise ImageUnreachable(f"cannot fetch {where}: {type(exc).__name__}: {exc}") from None
+        started = time.monotonic()
+        current, hops = url, 0
+        while True:
+            hop_where = where if hops == 0 else f"{where} (redirected to {_shown(current)})"
+            self._egress.check(current, hop_where)
+            auth = self._auth if ls and self._token_may_go_to(current) else None
+            try:
+                with self._client.stream(
+                    "GET",
+                    current,
+                    params=params if hops == 0 else None,
+                    auth=auth,
+                    follow_redirects=False,
+                    timeout=self._timeout,
+                    # Images are already compressed; identity also avoids gzip bombs.
+                    headers={"Accept": "image/*, */*;q=0.5", "Accept-Encoding": "identity"},
+                ) as response:
+                    location = response.headers.get("Location")
+                    if response.is_redirect and location:
+                        hops += 1
+                        if hops > MAX_REDIRECTS:
+                            raise ImageUnreachable(
+                                f"more than {MAX_REDIRECTS} redirects while fetching {where}"
+                            )
+                        current = str(response.url.join(location))
+                        if urlsplit(current).scheme not in ("http", "https"):
+                            raise ImageURLError(f"{where} redirects to a non-http URL")
+                        continue
+                    self._check_status(response, hop_where, ls=ls and hops == 0)
+                    return self._read_body(response, hop_where, started)
+            except httpx.ConnectTimeout:
+                raise ImageUnreachable(
+                    f"timed out connecting for {hop_where} after "
+                    f"{self._settings.image_connect_timeout:g} s (IMAGE_CONNECT_TIMEOUT)"
+                ) from None
+            except httpx.TimeoutException:
+                raise ImageUnreachable(
+                    f"timed out waiting for the image bytes of {hop_where} after "
+                    f"{self._settings.image_read_timeout:g} s (IMAGE_READ_TIMEOUT)"
+                ) from None
+            except TokenRefreshError as exc:
+                raise ImageUnreachable(
+                    f"{exc}; check LABEL_STUDIO_API_KEY (needed for {where})"
+                ) from None
+            except httpx.ConnectError:
+                # Not the OS's reason: it would tell a port scan which ports are open.
+                raise ImageUnreachable(f"cannot connect to the server of {hop_where}") from None
+            except httpx.RemoteProtocolError:
+                raise ImageUnreachable(
+                    f"the connection closed before the whole image of {hop_where} arrived"
+                ) from None
+            except (httpx.InvalidURL, httpx.UnsupportedProtocol):
+                raise ImageURLError(f"invalid image URL {hop_where}") from None
+            except httpx.HTTPError as exc:
+                raise ImageUnreachable(f"cannot fetch {hop_where}: {type(exc).__name__}") from None
+
+    def _read_body(self, response: httpx.Response, where: str, started: float) -> bytes:
+        limit = self._settings.max_image_bytes
+        deadline = self._settings.image_download_deadline
+        floor = self._settings.image_min_bytes_per_second
+        declared = response.headers.get("Content-Length", "").strip()
+        if declared.isdigit() and int(declared) > limit:
+            raise ImageTooLarge(
+                f"{where} is {_size(int(declared))}, over MAX_IMAGE_BYTES ({_size(limit)})"
+            )
+        chunks: list[bytes] = []
+        received = 0
+        for chunk in response.iter_bytes():
+            received += len(chunk)
+            if received > limit:  # Content-Length missing or lying: stop here
+                raise ImageTooLarge(
+                    f"{where} is over MAX_IMAGE_BYTES ({_size(limit)}); stopped downloading"
+                )
+            chunks.append(chunk)
+            elapsed = time.monotonic() - started
+            if elapsed > deadline:
+                raise ImageUnreachable(
+                    f"{where} took over {deadline:g} s to download (IMAGE_DOWNLOAD_DEADLINE)"
+                )
+            if elapsed > RATE_GRACE_SECONDS and received < floor * elapsed:
+                raise ImageUnreachable(
+                    f"{where} arrives at {received / elapsed:.0f} bytes/s, below "
+                    f"IMAGE_MIN_BYTES_PER_SECOND ({floor}); stopped downloading"
+                )
+        return b"".join(chunks)
+
+    def _token_may_go_to(self, url: str) -> bool:
+        """Label Studio's own origin, and there only its file paths: /data/... and the
+        presign endpoint (``/tasks/<id>/presign/``), with no dot segments in the path."""
+        if not self._ls_url or not same_origin(url, self._ls_url):
+            return False
+        # As the server will route it: dot segments resolved, percent-escapes decoded.
+        path = httpx.URL(url).path
+        if ".." in path.split("/"):  # /data/upload/%2e%2e/%2e%2e/api/... stays a traversal
+            return False
+        prefix = urlsplit(self._ls_url).path.rstrip("/")
+        if prefix:
+            if not path.startswith(prefix + "/"):
+                return False
+            path = path[len(prefix) :]
+        return path.startswith("/data/") or PRESIGN_PATH.fullmatch(path) is not None
 
     def _check_status(self, response: httpx.Response, where: str, *, ls: bool) -> None:
         code = response.status_code
@@ -562,10 +611,12 @@ class ImageLoader:
 def _check_host(url: str) -> None:
     """An http(s) URL must name a host that DNS could look up (IDNA: labels of 1-63 chars)."""
     try:
-        host = urlsplit(url).hostname
+        parts = urlsplit(url)
+        host = parts.hostname
         if not host:
             raise ImageURLError(f"the image URL {_shown(url)} has no host")
         host.encode("idna")
+        _ = parts.port  # ValueError when out of range or not a number
     except (UnicodeError, ValueError):
         raise ImageURLError(f"the image URL {_shown(url)} has an invalid host name") from None
 

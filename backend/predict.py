@@ -10,6 +10,7 @@ labels next; a task whose image failed also scores 0, so it is looked at.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from PIL import Image
 from label_studio_sahi import metrics
 from label_studio_sahi.classifier import Classifier
 from label_studio_sahi.detector import Detector
-from label_studio_sahi.errors import BackendError, ImageURLError
+from label_studio_sahi.errors import BackendError, ImageTooLarge, ImageURLError
 from label_studio_sahi.labeling import ControlTag, LabelConfig, choices_result, rectangle_result
 from label_studio_sahi.settings import MatchMetric, MergeType, Settings
 from label_studio_sahi.slicing import Detections, merge_detections, slice_windows
@@ -184,6 +185,51 @@ def task_score(result: list[dict[str, Any]]) -> float:
 ImageLoaderFn = Callable[[str, int | None], Image.Image]
 
 
+@dataclass
+class _Slot:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    image: Image.Image | None = None
+    error: BackendError | None = None
+
+
+class RequestImages:
+    """The images of one request: a URL repeated across tasks is fetched once, and all of
+    them together stay within MAX_REQUEST_PIXELS (a batch of huge images is refused image by
+    image once the budget is spent, instead of filling memory)."""
+
+    def __init__(self, load: ImageLoaderFn, max_pixels: int) -> None:
+        self._load = load
+        self._max_pixels = max_pixels
+        self._pixels = 0
+        self._lock = threading.Lock()
+        self._slots: dict[str, _Slot] = {}
+
+    def __call__(self, url: str, task_id: int | None) -> Image.Image:
+        with self._lock:
+            slot = self._slots.setdefault(url, _Slot())
+        with slot.lock:  # the first task with this URL fetches; the others wait for it
+            if slot.image is None and slot.error is None:
+                try:
+                    slot.image = self._charged(self._load(url, task_id))
+                except BackendError as exc:
+                    slot.error = exc
+            if slot.error is not None:
+                raise slot.error
+            assert slot.image is not None
+            return slot.image
+
+    def _charged(self, image: Image.Image) -> Image.Image:
+        with self._lock:
+            self._pixels += image.width * image.height
+            spent = self._pixels
+        if spent > self._max_pixels:
+            raise ImageTooLarge(
+                f"this request's images pass MAX_REQUEST_PIXELS ({self._max_pixels:,} pixels "
+                "in all); send fewer tasks per request"
+            )
+        return image
+
+
 class Predictor:
     """Predicts Label Studio tasks with one model bundle; safe to share across threads."""
 
@@ -213,10 +259,14 @@ class Predictor:
         self, tasks: Sequence[dict[str, Any]], config: LabelConfig
     ) -> list[TaskPrediction]:
         """One prediction per task, in order; a failing task gets an empty result and its error."""
-        return list(self._pool.map(lambda task: self.predict_task(task, config), tasks))
+        images = RequestImages(self.load_image, self.settings.max_request_pixels)
+        return list(self._pool.map(lambda task: self.predict_task(task, config, images), tasks))
 
-    def predict_task(self, task: dict[str, Any], config: LabelConfig) -> TaskPrediction:
+    def predict_task(
+        self, task: dict[str, Any], config: LabelConfig, load_image: ImageLoaderFn | None = None
+    ) -> TaskPrediction:
         timings = Timings()
+        load_image = load_image or self.load_image
         task_id = task.get("id") if isinstance(task.get("id"), int) else None
         try:
             data = task.get("data")
@@ -228,7 +278,7 @@ class Predictor:
                 if not isinstance(url, str) or not url:
                     raise ImageURLError(f"task data has no image URL under '{key}'")
                 with timings.stage("fetch"):
-                    image = self.load_image(url, task_id)
+                    image = load_image(url, task_id)
                 result.extend(self.predict_image(image, config, key, timings))
         except BackendError as exc:
             metrics.TASK_ERRORS.labels(error=exc.code).inc()

@@ -26,7 +26,7 @@ import redis
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from label_studio_sahi import __version__, metrics
@@ -57,20 +57,25 @@ NEEDS_REDIS = "bulk predictions need Redis and a worker (REDIS_URL, ls-sahi work
 router = APIRouter()
 
 
+# Project ids: strings or integers as sent, never coerced from booleans or floats; their
+# form is checked by studio.project_id.
+ProjectField = StrictStr | StrictInt
+
+
 class PredictRequest(BaseModel):
     tasks: list[dict[str, Any]]
     label_config: str | None = None
-    project: str | int | None = None
+    project: ProjectField | None = None
     params: dict[str, Any] = {}
 
 
 class BulkRequest(BaseModel):
-    project: int | str
+    project: ProjectField
     only_missing: bool = True  # skip tasks that already have a prediction of the live version
 
 
 class SetupRequest(BaseModel):
-    project: str | int | None = None
+    project: ProjectField | None = None
     schema_: str | None = None
     hostname: str | None = None
     extra_params: dict[str, Any] | None = None
@@ -139,7 +144,6 @@ async def _observe(
     request: Request, call_next: Callable[[Request], Awaitable[Response]]
 ) -> Response:
     """Basic auth, then the route; every request counted, timed and logged (never its body)."""
-    route = request.url.path
     start = time.perf_counter()
     try:
         _check_basic_auth(request)
@@ -147,6 +151,10 @@ async def _observe(
     except BackendError as exc:
         response = error_response(exc)
     elapsed = time.perf_counter() - start
+    # The route's template (/bulk-predict/{project}), never the raw path: one series per
+    # route, however many paths clients make up.
+    matched = request.scope.get("route")
+    route = getattr(matched, "path", None) or "unmatched"
     metrics.REQUESTS.labels(route=route, status=str(response.status_code)).inc()
     metrics.REQUEST_SECONDS.labels(route=route).observe(elapsed)
     log.info(

@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     # --- limits ---------------------------------------------------------------------------
     max_image_bytes: int = Field(64 * 2**20, ge=1, description="Largest image download, bytes.")
     max_image_pixels: int = Field(200_000_000, ge=1, description="Largest image, width x height.")
+    max_request_pixels: int = Field(
+        600_000_000,
+        ge=1,
+        description="Most image pixels one /predict request loads, all tasks together.",
+    )
     # NoDecode: the environment gives "JPEG,PNG"; the validator below splits it.
     allowed_image_formats: Annotated[list[str], NoDecode] = Field(
         ["JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "MPO"],
@@ -128,6 +133,17 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Seconds to connect to an image host."
     )
     image_read_timeout: float = Field(30.0, gt=0, description="Seconds to wait for image bytes.")
+    image_download_deadline: float = Field(
+        120.0, gt=0, description="Seconds one image download may take in all, redirects included."
+    )
+    image_min_bytes_per_second: int = Field(
+        4096, ge=0, description="Slowest image download kept after its first 5 s (0: no floor)."
+    )
+    egress_allow: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="Private, loopback or link-local image hosts that may be fetched: hosts, "
+        "host:port or networks (LABEL_STUDIO_URL's host always may).",
+    )
     max_tasks_per_request: int = Field(64, ge=1, description="Largest /predict batch.")
     max_request_bytes: int = Field(16 * 2**20, ge=1, description="Largest request body, bytes.")
     image_fetch_concurrency: int = Field(
@@ -212,6 +228,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Serving processes check the live version this often if pub/sub is lost.",
     )
+
+    @field_validator("egress_allow", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("allowed_image_formats", mode="before")
     @classmethod

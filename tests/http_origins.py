@@ -73,6 +73,7 @@ class State:
     refreshes: int = 0
     access_lifetime: int = 300
     refresh_delay: float = 0.0
+    refresh_redirect: str = ""  # when set, the refresh endpoint answers 307 to this URL
     other_url: str = ""
     streamed_bytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -85,6 +86,7 @@ class State:
             self.refreshes = 0
             self.access_lifetime = 300
             self.refresh_delay = 0.0
+            self.refresh_redirect = ""
             self.streamed_bytes = 0
 
     def requests_to(self, server: str) -> list[Seen]:
@@ -136,6 +138,9 @@ class Handler(BaseHTTPRequestHandler):
         path, _ = self._record()
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if self.server_role == "ls" and path == "/api/token/refresh":
+            if self.state.refresh_redirect:  # 307 keeps the method and the body (the PAT)
+                self._send(307, headers={"Location": self.state.refresh_redirect})
+                return
             time.sleep(self.state.refresh_delay)
             if json.loads(body or b"{}").get("refresh") != PAT:
                 self._send(401, b'{"detail": "Token is invalid or expired"}')
@@ -158,6 +163,21 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path, query = self._record()
+        if path == "/redirect":  # either origin: an open redirector
+            self._send(302, headers={"Location": query["to"][0]})
+            return
+        if path == "/drip":  # a valid start, then one byte every 0.1 s for a minute
+            self.send_response(200)
+            self.send_header("Content-Length", "600")
+            self.end_headers()
+            try:
+                for _ in range(600):
+                    self.wfile.write(b"\x00")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:  # the client gave up: what the test wants
+                self.close_connection = True
+            return
         if self.server_role == "other":
             name = path.removeprefix("/public/")
             if name in self.state.files:
@@ -198,6 +218,10 @@ class Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             self._send(401, b'{"detail": "Authentication credentials were not provided."}')
             return
+        if path.startswith("/data/redirect-away/"):
+            target = f"{self.state.other_url}/public/{path.removeprefix('/data/redirect-away/')}"
+            self._send(302, headers={"Location": target})
+            return
         if path.startswith("/data/upload/"):
             name = path.removeprefix("/data/upload/")
             if name in self.state.files:
@@ -211,10 +235,6 @@ class Handler(BaseHTTPRequestHandler):
                 self._send(200, self.state.files[name])
             else:
                 self._send(404)
-            return
-        if path.startswith("/redirect-away/"):
-            target = f"{self.state.other_url}/public/{path.removeprefix('/redirect-away/')}"
-            self._send(302, headers={"Location": target})
             return
         if path.startswith("/tasks/") and path.endswith("/presign/"):
             uri = base64.urlsafe_b64decode(query["fileuri"][0]).decode()
@@ -273,6 +293,9 @@ def running_origins() -> Iterator[Servers]:
 def make_settings(
     ls_url: str | None = None, key: str | None = LEGACY, **overrides: Any
 ) -> Settings:
+    # The "other" origin plays public storage, but lives on loopback: allowed here; the
+    # egress tests (test_egress.py) set EGRESS_ALLOW themselves.
+    overrides.setdefault("egress_allow", ["127.0.0.1"])
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
         label_studio_url=ls_url,

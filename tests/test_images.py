@@ -123,7 +123,7 @@ def test_plain_http_url_elsewhere_never_gets_the_token(servers: Servers) -> None
 def test_redirect_from_label_studio_to_another_origin_drops_the_token(servers: Servers) -> None:
     servers.state.files["moved.png"] = png(5, 7)
     with ImageLoader(make_settings(servers.ls)) as loader:
-        image = loader.load(f"{servers.ls}/redirect-away/moved.png")
+        image = loader.load(f"{servers.ls}/data/redirect-away/moved.png")
     assert image.size == (5, 7)
     assert servers.state.requests_to("ls")[0].authorization == f"Token {LEGACY}"
     assert [s.authorization for s in servers.state.requests_to("other")] == [None]
@@ -290,7 +290,7 @@ def test_connect_timeout_names_the_setting() -> None:
 
     client = httpx.Client(transport=httpx.MockTransport(refuse))
     with (
-        ImageLoader(make_settings(), client=client) as loader,
+        ImageLoader(make_settings(egress_allow=["example.invalid"]), client=client) as loader,
         pytest.raises(ImageUnreachable) as err,
     ):
         loader.load("http://example.invalid/x.png")

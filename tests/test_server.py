@@ -173,7 +173,8 @@ def _bad_cases(files: Path, local: Path) -> dict[str, tuple[Any, int, str]]:
         ),
         "malformed config": ({"tasks": [], "label_config": "<View>"}, 422, "XML"),
         "no image url": ({"tasks": [{"id": 1, "data": {}}], "label_config": CONFIG}, 400, "image"),
-        "unreachable url": (task("http://127.0.0.1:9/x.png"), 424, "127.0.0.1:9"),
+        "loopback url": (task("http://127.0.0.1:9/x.png"), 403, "EGRESS_ALLOW"),
+        "unreachable url": (task("http://no-such-host.invalid/x.png"), 424, "no-such-host.invalid"),
         "forbidden scheme": (task("file:///etc/passwd"), 400, "file"),
         "path outside root": (task("/data/local-files/?d=../../etc/passwd"), 403, "outside"),
         "truncated image": (task("/data/upload/truncated.png"), 415, "truncated"),
@@ -248,6 +249,21 @@ def test_metrics_are_prometheus_text_with_requests_stages_and_version(
     for stage in ("fetch", "slice", "detector", "merge", "classifier"):
         assert f'ls_sahi_stage_seconds_count{{stage="{stage}"}}' in text
     assert f'model_version="{bundle.version}"' in text
+
+
+def test_made_up_paths_add_no_metric_series(backend: LiveServer) -> None:
+    def series() -> int:
+        text = httpx.get(f"{backend.url}/metrics").text
+        return sum(line.startswith("ls_sahi_requests_total{") for line in text.splitlines())
+
+    httpx.get(f"{backend.url}/bulk-predict/1")  # a templated route: one series for all ids
+    before = series()
+    for i in range(300):
+        httpx.get(f"{backend.url}/no/such/path/{i}")
+        httpx.get(f"{backend.url}/bulk-predict/{i}")
+    assert series() - before <= 2  # "unmatched" 404s, and the template's 400 status at most
+    text = httpx.get(f"{backend.url}/metrics").text
+    assert 'route="/bulk-predict/{project}"' in text and "/no/such/path" not in text
 
 
 def test_webhook_and_versions_answer_politely(backend: LiveServer, bundle: ModelBundle) -> None:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageEnhance
 from torch import nn
 
+from label_studio_sahi.hub import process_images
 from label_studio_sahi.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -286,9 +287,7 @@ def train_detector(
         batch = [draw(rng) for _ in range(settings.train_batch_size)]
         if settings.train_augment:
             batch = [augment(s, rng) for s in batch]
-        inputs = processor(
-            images=[s.image for s in batch], return_tensors="pt", input_data_format="channels_last"
-        )
+        inputs = process_images(processor, [s.image for s in batch])
         pixel_mask = inputs.get("pixel_mask")
         out = model(
             pixel_values=inputs["pixel_values"].to(device),
@@ -320,11 +319,7 @@ def train_classifier(
 
     def loss_of() -> torch.Tensor:
         batch = [rng.choice(indices) for _ in range(settings.train_batch_size)]
-        pixels = processor(
-            images=[images[i] for i in batch],
-            return_tensors="pt",
-            input_data_format="channels_last",
-        )["pixel_values"].to(device)
+        pixels = process_images(processor, [images[i] for i in batch])["pixel_values"].to(device)
         target = torch.tensor([labels[i] for i in batch], device=device)
         return nn.functional.cross_entropy(model(pixel_values=pixels).logits.float(), target)
 
