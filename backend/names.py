@@ -41,6 +41,9 @@ def bulk_job_id(project: str) -> str:
 CHANGES_KEY = "ls-sahi:changes:{project}"
 # Short lock around check-then-enqueue, shared by every serving process: all must agree.
 ENQUEUE_LOCK_KEY = "ls-sahi:enqueue-lock:{job_id}"
+# Held by a training run for its whole length: a second run of a project waits, so it
+# never deletes the first's temporary folder or publishes between its steps.
+RUN_LOCK_KEY = "ls-sahi:run-lock:{project}"
 # The live version of a project: renaming sends every project back to its base model.
 LIVE_KEY = "ls-sahi:live:{project}"
 LIVE_PATTERN = LIVE_KEY.format(project="*")
@@ -62,6 +65,10 @@ TRASH_PREFIX = ".trash-"
 # The embedded Redis (socket and AOF) of a MODEL_DIR: renaming starts an empty queue.
 REDIS_DIR = "redis"
 REDIS_SOCKET = "redis.sock"
+# Locks beside it: one process at a time checks for and starts the server; every process
+# using it holds the users lock shared, and the last one out shuts it down.
+REDIS_START_LOCK = "start.lock"
+REDIS_USERS_LOCK = "users.lock"
 # The generated basic-auth login of a MODEL_DIR: renaming generates a new password, and
 # Label Studio's stored one stops working until ls-sahi-connect runs again.
 AUTH_FILE = "auth.json"
@@ -90,5 +97,8 @@ def model_version(project: str, name: str) -> str:
 META_STATUS = "status"  # "accepted" | "rejected"
 META_RUN_ID = "run_id"  # rq retries of one run find the version it already published
 META_PARENT = "parent"
+# The live version a run started from (None: the base): a retry after a crash between
+# publish and set_live promotes only if the project is still there.
+META_PARENT_LIVE = "parent_live"
 META_CREATED_AT = "created_at"
 META_METRICS = "metrics"

@@ -65,6 +65,25 @@ class Version:
         return model_version(self.project, self.name)
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root``, then every folder, to disk."""
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_file():
+            with path.open("rb+") as handle:
+                os.fsync(handle.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(root)
+
+
 class Registry:
     def __init__(self, root: Path, redis_client: redis.Redis | None = None) -> None:
         self.root = root
@@ -128,8 +147,9 @@ class Registry:
             meta = {**meta, names.META_CREATED_AT: datetime.now(UTC).isoformat(timespec="seconds")}
             with (tmp / META_FILE).open("w") as handle:
                 json.dump(meta, handle, indent=2, default=str)
-                handle.flush()
-                os.fsync(handle.fileno())
+            # Weights, meta and folders on disk before the name exists: a power cut after
+            # set_live must not leave a live version of empty files.
+            _fsync_tree(tmp)
             while True:
                 existing = self.versions(project)
                 name = names.version_name((existing[-1].number if existing else 0) + 1)
@@ -143,15 +163,24 @@ class Registry:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        _fsync_dir(folder)  # the rename itself
         version = self.get(project, name)
         log.info("version_published project=%s version=%s status=%s", project, name, version.status)
         return version
 
     def prune(self, project: str, keep: int) -> list[str]:
-        """Delete the oldest versions beyond ``keep``, never the live one. Returns their names."""
+        """Keep the newest ``keep`` accepted versions (rollback targets) and the newest
+        ``keep`` rejected ones (for inspection), and always the live one; delete the rest.
+        Returns their names."""
         live = self.live(project)
-        versions = self.versions(project)
-        doomed = [v for v in versions[: max(0, len(versions) - keep)] if v.name != live]
+        doomed = []
+        for status in ("accepted", "rejected"):
+            kind = [
+                v
+                for v in self.versions(project)
+                if (v.status == "rejected") == (status == "rejected")
+            ]
+            doomed += [v for v in kind[: max(0, len(kind) - keep)] if v.name != live]
         for version in doomed:
             # Rename first so that a half-deleted folder is never listed.
             trash = version.path.with_name(f"{names.TRASH_PREFIX}{uuid.uuid4().hex}")

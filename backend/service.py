@@ -21,7 +21,7 @@ from label_studio_sahi.images import ImageLoader
 from label_studio_sahi.labeling import LabelConfig
 from label_studio_sahi.models import check_bundle, load_base_bundle, load_version_bundle
 from label_studio_sahi.predict import ImageLoaderFn, ModelBundle, Predictor
-from label_studio_sahi.registry import Registry, VersionNotFound
+from label_studio_sahi.registry import Registry, Version, VersionNotFound
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.swap import LiveWatcher
 from label_studio_sahi.trigger import TrainingTrigger
@@ -100,7 +100,8 @@ class Service:
         """Model versions of a project (Label Studio asks without one: then of every
         project), newest first, the base models last."""
         projects = [project] if project else self.registry.projects()
-        found = [v for p in projects for v in self.registry.versions(p)]
+        # Rejected versions are kept for inspection (ls-sahi versions), never served.
+        found = [v for p in projects for v in self.registry.versions(p) if v.status != "rejected"]
         found.sort(key=lambda v: (v.meta.get("created_at", ""), v.number), reverse=True)
         return [*(v.model_version for v in found), self.base_version]
 
@@ -143,22 +144,27 @@ class Service:
             return
         if current.bundle.version == version.model_version or self._refused.get(project) == wanted:
             return
-        try:
-            bundle = load_version_bundle(
-                version, lambda: self.base.bundle.classifier, self.settings
-            )
-            check_bundle(bundle)
-        except Exception as exc:
-            self._refused[project] = wanted
+        bundle = self._loadable(version)
+        fallback = bundle is None
+        if bundle is None:
+            self._refused[project] = wanted  # not retried until the live pointer moves
+            # A fresh process has only the base: serve the newest older version that loads.
+            older = [
+                v for v in reversed(self.registry.versions(project))
+                if v.number < version.number and v.status != "rejected"
+            ]  # fmt: skip
+            if current.bundle.version == self.base_version:
+                bundle = next((b for v in older if (b := self._loadable(v)) is not None), None)
+            if bundle is None:
+                return
             log.error(
-                "version_refused project=%s version=%s error=%s keeps=%s",
-                project, wanted, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, current.bundle.version,
-            )  # fmt: skip
-            return
+                "version_fallback project=%s wanted=%s serves=%s", project, wanted, bundle.version
+            )
         predictor = Predictor(bundle, self.settings, self._load_image, self._pool)
         with self._lock:
             self._predictors[project] = predictor  # the swap: one reference
-        self._refused.pop(project, None)
+        if not fallback:
+            self._refused.pop(project, None)
         metrics.MODEL_INFO.labels(project=project, model_version=bundle.version).set(1)
         log.info(
             "version_swapped project=%s from=%s to=%s",
@@ -166,6 +172,21 @@ class Service:
             current.bundle.version,
             bundle.version,
         )
+
+    def _loadable(self, version: Version) -> ModelBundle | None:
+        """The version's models, loaded and checked; None (logged) when they do not load."""
+        try:
+            bundle = load_version_bundle(
+                version, lambda: self.base.bundle.classifier, self.settings
+            )
+            check_bundle(bundle)
+        except Exception as exc:
+            log.error(
+                "version_refused project=%s version=%s error=%s",
+                version.project, version.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )  # fmt: skip
+            return None
+        return bundle
 
     # --- webhooks ------------------------------------------------------------------------------
 

@@ -174,3 +174,28 @@ def test_a_checkpoint_that_fails_to_load_is_refused_and_the_old_one_keeps_servin
         httpx.post(f"{live.url}/setup", json={"project": "4"}).json()["model_version"]
         == good.model_version
     )
+
+
+def test_a_fresh_server_whose_live_version_is_broken_serves_the_last_good_one(
+    bundle: ModelBundle, redis_url: str, redis_client: Any, tmp_path: Path, detector_dir: Path
+) -> None:
+    settings = make_settings(model_dir=tmp_path / "models", redis_url=redis_url)
+    registry = Registry.for_settings(settings, redis_client)
+    good = registry.publish(
+        "6", _version_writer(detector_dir, "shift-boxes"), {"status": "accepted"}
+    )
+    rejected = registry.publish(
+        "6", _version_writer(detector_dir, "swap-labels"), {"status": "rejected"}
+    )
+    broken = registry.publish("6", _version_writer(detector_dir, "corrupt"), {"status": "accepted"})
+    registry.set_live("6", broken.name)
+
+    service = Service(settings, bundle, redis_client=connect(redis_url))  # a process starting now
+    service.refresh(None)
+
+    assert service.version_for("6") == good.model_version  # not the base, not the rejected one
+    service.refresh(None)  # the broken one is not retried on every poll
+    assert service.version_for("6") == good.model_version
+    assert broken.model_version in service.versions("6")
+    assert rejected.model_version not in service.versions("6")  # never offered to serve
+    service.close()

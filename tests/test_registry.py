@@ -88,3 +88,28 @@ def test_prune_keeps_the_newest_and_the_live_one(tmp_path: Path, redis_client: A
     registry.set_live("3", "v1")
     assert registry.prune("3", keep=2) == ["v2", "v3"]
     assert [v.name for v in registry.versions("3")] == ["v1", "v4", "v5"]
+
+
+def test_rejected_versions_never_evict_rollback_targets(tmp_path: Path, redis_client: Any) -> None:
+    registry = Registry(tmp_path, redis_client)
+    for status in ["accepted", "accepted", "accepted", "rejected", "rejected", "rejected"]:
+        registry.publish("3", _write(status), {"status": status})
+    registry.set_live("3", "v3")
+    assert registry.prune("3", keep=2) == ["v1", "v4"]
+    kept = {v.name: v.status for v in registry.versions("3")}
+    assert kept == {"v2": "accepted", "v3": "accepted", "v5": "rejected", "v6": "rejected"}
+
+
+def test_a_full_disk_while_publishing_leaves_no_half_version(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    registry.publish("3", _write("good"), {})
+
+    def fills_the_disk(folder: Path) -> None:
+        (folder / "detector").mkdir()
+        (folder / "detector" / "model.safetensors").write_bytes(b"\0" * 1000)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        registry.publish("3", fills_the_disk, {})
+    assert [v.name for v in registry.versions("3")] == ["v1"]
+    assert sorted(p.name for p in (tmp_path / "3").iterdir()) == ["v1"]  # no temporary left

@@ -140,3 +140,36 @@ def test_choices_fine_tune_the_classifier_too(
     assert meta["decision"]["classifier"]["promoted"] == (
         metrics["candidate_accuracy"] > metrics["live_accuracy"]
     )
+
+
+def test_an_unreadable_image_is_skipped_and_counted_not_fatal(
+    fake: FakeStudio, tmp_path: Path, redis_client: Any
+) -> None:
+    project = labelled_project(fake, n_tasks=6)
+    gone = fake.add_task(project.id, {"image": f"/data/upload/{project.id}/deleted.png"})
+    fake.add_annotation(gone, fake.tasks[project.task_ids[0]]["annotations"][0]["result"])
+    settings = _settings(
+        fake, random_detr(tmp_path / "untrained"), tmp_path / "models", train_steps=5
+    )
+    registry = Registry.for_settings(settings, redis_client)
+
+    summary = run_training(JobContext(settings, registry), str(project.id), "test", "run-1")
+
+    assert summary["dataset"]["unreadable_tasks"] == 1
+    assert summary["dataset"]["train_tasks"] + summary["dataset"]["heldout_tasks"] == 6
+
+
+def test_a_retry_after_a_crash_before_set_live_promotes_the_published_version(
+    fake: FakeStudio, tmp_path: Path, redis_client: Any
+) -> None:
+    project = labelled_project(fake, n_tasks=8)
+    settings = _settings(fake, random_detr(tmp_path / "untrained", seed=1), tmp_path / "models")
+    registry = Registry.for_settings(settings, redis_client)
+    first = run_training(JobContext(settings, registry), str(project.id), "test", "run-9")
+    assert first["status"] == "accepted"
+    registry.set_live(str(project.id), None)  # as if the worker died before set_live
+
+    again = run_training(JobContext(settings, registry), str(project.id), "test", "run-9")
+
+    assert again["version"] == first["version"]
+    assert registry.live(str(project.id)) == first["version"]

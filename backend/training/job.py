@@ -23,6 +23,7 @@ from rq import get_current_job
 from label_studio_sahi import names
 from label_studio_sahi.classifier import Classifier
 from label_studio_sahi.detector import Detector
+from label_studio_sahi.errors import ImageError
 from label_studio_sahi.images import ImageLoader
 from label_studio_sahi.labeling import ControlTag, LabelConfig, parse_label_config
 from label_studio_sahi.models import project_bundle
@@ -117,12 +118,32 @@ def train_project(project: str, reason: str = "", run_id: str = "") -> dict[str,
 
 
 def run_training(ctx: JobContext, project: str, reason: str, run_id: str) -> dict[str, Any]:
-    """Gather labels, fine-tune, evaluate against live, publish (live only when better)."""
+    """Gather labels, fine-tune, evaluate against live, publish (live only when better).
+
+    One run per project at a time (a Redis lock, when the registry has Redis)."""
+    client = ctx.registry.redis
+    if client is None:
+        return _run(ctx, project, reason, run_id)
+    lock = client.lock(
+        names.RUN_LOCK_KEY.format(project=project), timeout=ctx.settings.job_timeout + 60
+    )
+    with lock:
+        return _run(ctx, project, reason, run_id)
+
+
+def _run(ctx: JobContext, project: str, reason: str, run_id: str) -> dict[str, Any]:
     registry = ctx.registry
     registry.clean_temporary(project)
     done = registry.find_by_run(project, run_id)
     if done is not None:
         log.info("train_already_done project=%s run=%s version=%s", project, run_id, done.name)
+        # A crash between publish and set_live: promote now, if nothing moved the project.
+        if (
+            done.status == "accepted"
+            and names.META_PARENT_LIVE in done.meta
+            and registry.live(project) == done.meta[names.META_PARENT_LIVE]
+        ):
+            registry.set_live(project, done.name)
         return _summary(done.meta, done.name, project)
 
     data = gather(ctx, project)
@@ -165,8 +186,20 @@ def gather(ctx: JobContext, project: str) -> TrainingData:
     images: dict[int, Image.Image] = {}
     if train and held:
         ctx.stage("loading images")
+        unreadable = 0
         with ImageLoader(ctx.settings) as loader:
-            images = {t.task_id: loader.load(t.image_url, t.task_id) for t in [*train, *held]}
+            for task in [*train, *held]:
+                try:
+                    images[task.task_id] = loader.load(task.image_url, task.task_id)
+                except ImageError as exc:  # one bad image must not fail every retry
+                    unreadable += 1
+                    log.warning(
+                        "train_task_skipped project=%s task=%s error=%s detail=%s",
+                        project, task.task_id, exc.code, exc.message,
+                    )  # fmt: skip
+        train = [t for t in train if t.task_id in images]
+        held = [t for t in held if t.task_id in images]
+        stats.update(unreadable_tasks=unreadable, train_tasks=len(train), heldout_tasks=len(held))
     return TrainingData(config, train, held, images, stats)
 
 
@@ -267,6 +300,7 @@ def publish(
         names.META_STATUS: "accepted" if accepted else "rejected",
         "project": project,
         names.META_PARENT: model_version(project, live_name) if live_name else parent.version,
+        names.META_PARENT_LIVE: live_name,
         names.META_RUN_ID: run_id,
         "reason": reason,
         names.META_METRICS: candidates.metrics,
