@@ -21,10 +21,11 @@ refused with a ``LabelConfigError``.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, SupportsFloat
@@ -52,7 +53,7 @@ ControlKind = Literal["rectanglelabels", "choices"]
 #: Control tags this backend predicts, lower-cased, with the child tag holding their labels.
 _CONTROL_CHILD: dict[str, str] = {"rectanglelabels": "label", "choices": "choice"}
 _OBJECT_TAG = "image"
-_PARSE_CACHE_SIZE = 64
+_PARSE_CACHE_BYTES = 4 * 2**20  # of config text; a typical config is 1-10 KB
 
 
 def _norm(name: str) -> str:
@@ -235,7 +236,40 @@ def _parse_control(element: Element, kind: ControlKind, images: Mapping[str, str
     )
 
 
-@functools.lru_cache(maxsize=_PARSE_CACHE_SIZE)
+class _ParsedConfigs:
+    """Parsed configs by their text, least recently used dropped past ``max_bytes`` of text
+    (Label Studio sends the same config with every request; a made-up one each time must
+    not grow memory)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, LabelConfig] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, xml: str) -> LabelConfig | None:
+        with self._lock:
+            found = self._items.get(xml)
+            if found is not None:
+                self._items.move_to_end(xml)
+            return found
+
+    def put(self, xml: str, config: LabelConfig) -> None:
+        if len(xml) > self.max_bytes:
+            return
+        with self._lock:
+            if xml not in self._items:
+                self._bytes += len(xml)
+            self._items[xml] = config
+            self._items.move_to_end(xml)
+            while self._bytes > self.max_bytes:
+                old, _ = self._items.popitem(last=False)
+                self._bytes -= len(old)
+
+
+_parsed = _ParsedConfigs(_PARSE_CACHE_BYTES)
+
+
 def parse_label_config(xml: str) -> LabelConfig:
     """Parse a Label Studio labeling config; cached by content (same string → same object).
 
@@ -245,6 +279,15 @@ def parse_label_config(xml: str) -> LabelConfig:
     """
     if not isinstance(xml, str) or not xml.strip():
         raise LabelConfigError("the labeling config is empty: expected XML such as <View>...")
+    cached = _parsed.get(xml)
+    if cached is not None:
+        return cached
+    config = _parse(xml)
+    _parsed.put(xml, config)
+    return config
+
+
+def _parse(xml: str) -> LabelConfig:
     try:
         root = DefusedET.fromstring(xml)
     except defusedxml.DefusedXmlException as exc:

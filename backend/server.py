@@ -275,10 +275,17 @@ async def setup(request: Request) -> dict[str, Any]:
     body = SetupRequest.parse(await _body(request))
     service = _service(request)
     project = _optional_project(body.project)
-    if body.schema_:
-        # Parse now so that an unusable config is reported when the backend is connected.
-        service.remember_config(project, parse_label_config(body.schema_))
-    return {"model_version": service.version_for(project)}
+    schema = body.schema_
+
+    def remember() -> str:
+        if schema:
+            # Parse now so that an unusable config is reported when the backend is connected.
+            service.remember_config(project, parse_label_config(schema), len(schema))
+        return service.version_for(project)
+
+    # Parsing a large config, or loading an unloaded project's model, takes time: never on
+    # the event loop, which answers /health and every other request.
+    return {"model_version": await anyio.to_thread.run_sync(remember)}
 
 
 @router.post("/predict")
@@ -290,19 +297,27 @@ async def predict(request: Request) -> JSONResponse:
             f"{len(body.tasks)} tasks in one request, above MAX_TASKS_PER_REQUEST={settings.max_tasks_per_request}"
         )
     project = _optional_project(body.project)
-    config = (
-        parse_label_config(body.label_config) if body.label_config else service.config_for(project)
-    )
-    if config is None:
-        raise BadRequest(
-            "no label_config in the request and none known for this project (call /setup first)"
+    limiter: anyio.CapacityLimiter = request.app.state.limiter
+    waiting = limiter.statistics().tasks_waiting
+    if waiting >= settings.max_waiting_requests:
+        raise Busy(
+            f"{waiting} /predict requests are already waiting for a free thread "
+            f"(MAX_WAITING_REQUESTS={settings.max_waiting_requests}); try again shortly"
         )
-    predictor = service.predictor_for(project)
-    predictions = await anyio.to_thread.run_sync(
-        predictor.predict_tasks, body.tasks, config, limiter=request.app.state.limiter
-    )
+
+    def run() -> tuple[list[TaskPrediction], str]:
+        xml = body.label_config
+        config = parse_label_config(xml) if xml else service.config_for(project)
+        if config is None:
+            raise BadRequest(
+                "no label_config in the request and none known for this project (call /setup first)"
+            )
+        predictor = service.predictor_for(project)
+        return predictor.predict_tasks(body.tasks, config), predictor.bundle.version
+
+    predictions, version = await anyio.to_thread.run_sync(run, limiter=limiter)
     metrics.TASKS.inc(len(predictions))
-    return _predict_answer(body.tasks, predictions, predictor.bundle.version)
+    return _predict_answer(body.tasks, predictions, version)
 
 
 def _predict_answer(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,8 +46,12 @@ class Service:
         self.redis = redis_client
         self.registry = Registry.for_settings(settings, redis_client)
         self.trigger = TrainingTrigger(redis_client, settings) if redis_client is not None else None
-        self._configs: dict[str | None, LabelConfig] = {}
-        self._predictors: dict[str, Predictor] = {}  # project -> fine-tuned predictor
+        # Both bounded, least recently used first out: configs by their text's size, models
+        # by count (an unloaded project's live version is loaded again when asked for).
+        self._configs: OrderedDict[str | None, tuple[LabelConfig, int]] = OrderedDict()
+        self._config_bytes = 0
+        self._predictors: OrderedDict[str, Predictor] = OrderedDict()  # project -> fine-tuned
+        self._unloaded: set[str] = set()  # projects whose live version was unloaded
         self._refused: dict[str, str] = {}  # project -> version that failed to load
         self._lock = threading.Lock()
         self._swap_lock = threading.Lock()
@@ -79,19 +84,47 @@ class Service:
 
     # --- configs ---------------------------------------------------------------------------
 
-    def remember_config(self, project: str | None, config: LabelConfig) -> None:
+    def remember_config(self, project: str | None, config: LabelConfig, size: int) -> None:
+        """Keep ``config`` (``size``: its text's length) as ``project``'s, within
+        CONFIG_CACHE_BYTES for all projects together."""
         with self._lock:
-            self._configs[project] = config
+            if project in self._configs:
+                self._config_bytes -= self._configs.pop(project)[1]
+            self._configs[project] = (config, size)
+            self._config_bytes += size
+            while self._config_bytes > self.settings.config_cache_bytes and len(self._configs) > 1:
+                self._config_bytes -= self._configs.popitem(last=False)[1][1]
 
     def config_for(self, project: str | None) -> LabelConfig | None:
         with self._lock:
-            return self._configs.get(project)
+            found = self._configs.get(project)
+            if found is None:
+                return None
+            self._configs.move_to_end(project)
+            return found[0]
 
     # --- which model serves a project ----------------------------------------------------------
 
     def predictor_for(self, project: str | None) -> Predictor:
+        """The project's predictor. May load a model (a project unloaded to keep within
+        MAX_PROJECT_MODELS): call it off the event loop."""
+        key = project or ""
         with self._lock:
-            return self._predictors.get(project or "", self.base)
+            found = self._predictors.get(key)
+            if found is not None:
+                self._predictors.move_to_end(key)
+                return found
+            reload = key in self._unloaded
+        if reload:
+            self.refresh(key)
+            with self._lock:
+                return self._predictors.get(key, self.base)
+        return self.base
+
+    def loaded_projects(self) -> list[str]:
+        """Projects whose fine-tuned models are in memory, least recently used first."""
+        with self._lock:
+            return list(self._predictors)
 
     def version_for(self, project: str | None) -> str:
         return self.predictor_for(project).bundle.version
@@ -115,11 +148,22 @@ class Service:
                 [project] if project is not None else sorted(set(live) | set(self._predictors))
             )
             for name in projects:
+                if project is None and live.get(name) and name not in self._predictors:
+                    # Past MAX_PROJECT_MODELS, or unloaded to stay within it: loaded when a
+                    # request asks for it, not on every poll.
+                    full = len(self._predictors) >= self.settings.max_project_models
+                    if name in self._unloaded or full:
+                        with self._lock:
+                            self._unloaded.add(name)
+                        continue
                 self._bring_to(name, live.get(name))
 
     def _bring_to(self, project: str, wanted: str | None) -> None:
-        current = self.predictor_for(project)
+        with self._lock:
+            current = self._predictors.get(project, self.base)
         if wanted is None:
+            with self._lock:
+                self._unloaded.discard(project)
             if project in self._predictors:
                 with self._lock:
                     old = self._predictors.pop(project)
@@ -163,6 +207,12 @@ class Service:
         predictor = Predictor(bundle, self.settings, self._load_image, self._pool)
         with self._lock:
             self._predictors[project] = predictor  # the swap: one reference
+            self._predictors.move_to_end(project)
+            self._unloaded.discard(project)
+            while len(self._predictors) > self.settings.max_project_models:
+                gone, _ = self._predictors.popitem(last=False)
+                self._unloaded.add(gone)
+                log.info("project_unloaded project=%s (MAX_PROJECT_MODELS)", gone)
         if not fallback:
             self._refused.pop(project, None)
         metrics.MODEL_INFO.labels(project=project, model_version=bundle.version).set(1)

@@ -146,6 +146,19 @@ class Settings(BaseSettings):
     )
     max_tasks_per_request: int = Field(64, ge=1, description="Largest /predict batch.")
     max_request_bytes: int = Field(16 * 2**20, ge=1, description="Largest request body, bytes.")
+    max_waiting_requests: int = Field(
+        32, ge=0, description="/predict requests that may wait for a free thread; more get 503."
+    )
+    max_project_models: int = Field(
+        16,
+        ge=1,
+        description="Fine-tuned projects kept loaded per process (least recently used unloaded).",
+    )
+    config_cache_bytes: int = Field(
+        8 * 2**20,
+        ge=0,
+        description="Labeling configs kept per project from /setup, bytes of XML in all.",
+    )
     image_fetch_concurrency: int = Field(
         8, ge=1, description="Images downloaded at once per request."
     )

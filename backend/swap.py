@@ -34,7 +34,8 @@ class LiveWatcher:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=self.poll_seconds + 5)
+        if self._thread.is_alive():  # a service closed without being started has none
+            self._thread.join(timeout=self.poll_seconds + 5)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -26,6 +26,8 @@ from label_studio_sahi.studio import project_id
 
 log = logging.getLogger(__name__)
 
+CHANGES_TTL = 30 * 24 * 3600  # seconds a project's change count waits for its next event
+
 COUNTED_ACTIONS = {
     "ANNOTATION_CREATED",
     "ANNOTATION_UPDATED",
@@ -76,7 +78,10 @@ class TrainingTrigger:
             job = self.enqueue(project, reason="train button", delay=0.0)
             return 201, {"status": "ok", "job": job.id, "job_status": job.get_status(refresh=False)}
         changes = names.CHANGES_KEY.format(project=project)
-        count = int(self.redis.incrby(changes, _changes(body)))
+        pipe = self.redis.pipeline()
+        pipe.incrby(changes, _changes(body))
+        pipe.expire(changes, CHANGES_TTL)  # a project that stopped labelling leaves no key
+        count = int(pipe.execute()[0])
         if count < self.settings.train_after_annotations:
             return 201, {
                 "status": "ok",

@@ -135,3 +135,8 @@ def test_a_held_enqueue_lock_answers_busy_at_once_instead_of_waiting(redis_clien
     assert refused.value.status == 503 and "try again" in refused.value.message
     lock.release()
     assert _trigger(redis_client).on_webhook(_event("START_TRAINING"))[0] == 201
+
+
+def test_a_change_count_expires_when_a_project_goes_quiet(redis_client: Any) -> None:
+    _trigger(redis_client).on_webhook(_event("ANNOTATION_CREATED", project=3))
+    assert 0 < redis_client.ttl("ls-sahi:changes:3") <= 30 * 24 * 3600

@@ -1,0 +1,88 @@
+"""Bounded by settings, not by what clients send: waiting requests, configs, loaded models."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from labelled_project import CONFIG
+from PIL import Image
+from servers import make_settings, start_uvicorn, stop_uvicorn
+from test_hot_swap import _version_writer
+
+from label_studio_sahi.labeling import parse_label_config
+from label_studio_sahi.predict import ModelBundle
+from label_studio_sahi.redis_server import connect
+from label_studio_sahi.registry import Registry
+from label_studio_sahi.server import create_app
+from label_studio_sahi.service import Service
+
+
+def test_requests_past_the_waiting_limit_get_503_and_the_rest_are_answered(
+    bundle: ModelBundle,
+) -> None:
+    release = threading.Event()
+
+    def slow_image(url: str, task_id: int | None) -> Image.Image:
+        release.wait(30)
+        return Image.new("RGB", (64, 48), "gray")
+
+    settings = make_settings(threads=1, max_waiting_requests=1)
+    live = start_uvicorn(create_app(settings, Service(settings, bundle, load_image=slow_image)))
+    body = {"tasks": [{"id": 1, "data": {"image": "http://x/a.png"}}], "label_config": CONFIG}
+    answers: list[int] = []
+
+    def post() -> None:
+        answers.append(httpx.post(f"{live.url}/predict", json=body, timeout=60).status_code)
+
+    try:
+        running = [threading.Thread(target=post) for _ in range(2)]  # one runs, one waits
+        for thread in running:
+            thread.start()
+            time.sleep(0.5)
+        refused = httpx.post(f"{live.url}/predict", json=body, timeout=60)
+        assert refused.status_code == 503 and "MAX_WAITING_REQUESTS" in refused.json()["detail"]
+        assert httpx.get(f"{live.url}/health").status_code == 200
+        release.set()
+        for thread in running:
+            thread.join(60)
+        assert answers == [200, 200]
+    finally:
+        release.set()
+        stop_uvicorn(live)
+
+
+def test_configs_are_kept_within_their_byte_budget(bundle: ModelBundle) -> None:
+    service = Service(make_settings(config_cache_bytes=3 * len(CONFIG)), bundle)
+    config = parse_label_config(CONFIG)
+    for project in range(10):
+        service.remember_config(str(project), config, len(CONFIG))
+    kept = [p for p in map(str, range(10)) if service.config_for(p) is not None]
+    assert kept == ["7", "8", "9"]  # the most recent, within 3 configs' bytes
+    service.close()
+
+
+def test_past_max_project_models_the_least_recent_is_unloaded_and_reloaded_when_asked(
+    bundle: ModelBundle, redis_url: str, redis_client: Any, tmp_path: Path, detector_dir: Path
+) -> None:
+    settings = make_settings(
+        model_dir=tmp_path / "models", redis_url=redis_url, max_project_models=1
+    )
+    registry = Registry.for_settings(settings, redis_client)
+    versions = {}
+    for project in ("4", "5"):
+        versions[project] = registry.publish(
+            project, _version_writer(detector_dir, "shift-boxes"), {"status": "accepted"}
+        )
+        registry.set_live(project, versions[project].name)
+    service = Service(settings, bundle, redis_client=connect(redis_url))
+    service.refresh(None)
+    assert len(service.loaded_projects()) == 1
+
+    for project in ("4", "5", "4"):
+        assert service.version_for(project) == versions[project].model_version
+        assert service.loaded_projects() == [project]
+    service.close()
