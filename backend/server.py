@@ -102,6 +102,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     app.state.settings = settings
     app.state.service = service
     app.state.credentials = credentials(settings)
+    app.state.redis_probe = _probe_client(service.redis)
     # Concurrent /predict requests per process; the rest wait (Label Studio retries nothing).
     app.state.limiter = anyio.CapacityLimiter(settings.threads)
     app.middleware("http")(_observe)
@@ -266,8 +267,35 @@ async def _body(request: Request) -> Any:
 @router.get("/")
 @router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
-    version = _service(request).base_version
-    return {"status": "UP", "model_class": MODEL_CLASS, "model_version": version}
+    """Up while it can predict (Label Studio's check); ``degraded`` names what it cannot do
+    now: with Redis unreachable, predictions go on but training, hot swaps and bulk jobs wait."""
+    service = _service(request)
+    degraded = []
+    if service.redis is not None and not await anyio.to_thread.run_sync(
+        _redis_answers, service.redis
+    ):
+        degraded.append("redis")
+    answer = {"status": "UP", "model_class": MODEL_CLASS, "model_version": service.base_version}
+    return {**answer, "degraded": degraded} if degraded else answer
+
+
+def _probe_client(client: redis.Redis | None) -> redis.Redis | None:
+    """A client of the same Redis that gives up after 2 s: /health must answer, whatever
+    state Redis is in."""
+    if client is None:
+        return None
+    pool = client.connection_pool
+    kwargs = {**pool.connection_kwargs, "socket_timeout": 2.0, "socket_connect_timeout": 2.0}
+    return redis.Redis(
+        connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+    )
+
+
+def _redis_answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
 
 
 @router.post("/setup")
