@@ -128,23 +128,38 @@ def connect(
         for b in studio.items("/api/ml", project=pid)
         if str(b.get("url", "")).rstrip("/") == backend_url
     ]
+    auth: dict[str, Any] = (
+        {"auth_method": "BASIC_AUTH", "basic_auth_user": login.user, "basic_auth_pass": login.password}
+        if login
+        else {"auth_method": "NONE"}
+    )  # fmt: skip
     if not backends:
         studio.call(
             "POST",
             "/api/ml",
-            json={"url": backend_url, "project": pid, "title": backend_title, "auto_update": True},
-        )
+            json={"url": backend_url, "project": pid, "title": backend_title, "auto_update": True, **auth},
+        )  # fmt: skip
         done.append(f"connected the ML backend {backend_url} (model {health.get('model_version')})")
-    elif not backends[0].get("auto_update"):
-        # Label Studio answers 500 to a PATCH without url and project.
-        studio.call(
-            "PATCH",
-            f"/api/ml/{backends[0]['id']}",
-            json={"url": backend_url, "project": pid, "auto_update": True},
-        )
-        done.append("turned auto-update on for the ML backend")
+    else:
+        current_ml = backends[0]
+        # Label Studio never shows a stored password, only whether one is set.
+        auth_differs = current_ml.get("auth_method", "NONE") != auth["auth_method"] or (
+            login is not None
+            and (current_ml.get("basic_auth_user") != login.user or not current_ml.get("basic_auth_pass_is_set"))
+        )  # fmt: skip
+        if not current_ml.get("auto_update") or auth_differs:
+            # Label Studio answers 500 to a PATCH without url and project.
+            studio.call(
+                "PATCH",
+                f"/api/ml/{current_ml['id']}",
+                json={"url": backend_url, "project": pid, "auto_update": True, **auth},
+            )
+            done.append(
+                "gave the ML backend its login" if auth_differs else "turned auto-update on for the ML backend"
+            )  # fmt: skip
 
     hook_url = f"{backend_url}/webhook"
+    headers = {"Authorization": login.header()} if login else {}
     hooks = [h for h in studio.items("/api/webhooks", project=pid) if h.get("url") == hook_url]
     if not hooks:
         studio.call(
@@ -156,12 +171,15 @@ def connect(
                 "send_payload": True,
                 "send_for_all_actions": True,
                 "is_active": True,
+                "headers": headers,
             },
         )
         done.append(f"created the webhook {hook_url}")
-    elif not hooks[0].get("is_active", True):
-        studio.call("PATCH", f"/api/webhooks/{hooks[0]['id']}", json={"is_active": True})
-        done.append("re-activated the webhook")
+    elif not hooks[0].get("is_active", True) or (hooks[0].get("headers") or {}) != headers:
+        studio.call(
+            "PATCH", f"/api/webhooks/{hooks[0]['id']}", json={"is_active": True, "headers": headers}
+        )
+        done.append("updated the webhook (active, with the backend's login)")
 
     current = studio.call("GET", f"/api/projects/{pid}")
     changes = {k: v for k, v in PREDICTION_SETTINGS.items() if current.get(k) != v}

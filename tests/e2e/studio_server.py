@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -127,8 +128,22 @@ class StudioServer:
             TMPDIR=str(self.tmp_dir),
             PYTHONDONTWRITEBYTECODE="1",
             PYTHONUNBUFFERED="1",
+            SECRET_KEY=self._secret_key(),
         )
         return env
+
+    def _secret_key(self) -> str:
+        """Django's SECRET_KEY, which also signs the JWTs, kept in run_dir across restarts.
+
+        Without it Label Studio generates one at start and appends it to its data folder's
+        .env; two of its processes starting at once each appended their own (seen: two
+        SECRET_KEY lines), and after a restart the one read back was not the one that had
+        signed the personal access token: "Token is invalid"."""
+        path = self.run_dir / "secret-key"
+        if not path.exists():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(50))
+        return path.read_text().strip()
 
     def command(self) -> list[str]:
         return [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,19 +107,12 @@ def test_legacy_token(studio: StudioServer) -> None:
 
 
 def _refresh(studio: StudioServer, pat: str) -> httpx.Response:
-    """Exchange the PAT for an access token, with a few seconds' grace for a 401.
+    """Exchange the PAT for an access token.
 
-    Once in a full CI rehearsal this answered 401 "Token is invalid" (it passed alone and in
-    the rerun). A guess, not a finding: PyJWT refuses a token whose `iat` is ahead of the
-    clock, and this machine's clock has been seen to step back by seconds; the grace tells
-    that apart from a token really lost.
-    """
-    deadline = time.monotonic() + 20
-    while True:
-        refreshed = httpx.post(studio.url + "/api/token/refresh", json={"refresh": pat}, timeout=30)
-        if refreshed.status_code != 401 or time.monotonic() > deadline:
-            return refreshed
-        time.sleep(2)
+    This once answered 401 "Token is invalid" after a restart: Label Studio had generated two
+    signing keys at its first start (two processes, two SECRET_KEY lines in its .env) and
+    read back the other one. StudioServer now sets SECRET_KEY itself."""
+    return httpx.post(studio.url + "/api/token/refresh", json={"refresh": pat}, timeout=30)
 
 
 def test_personal_access_token(studio: StudioServer) -> None:
