@@ -12,6 +12,9 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,11 +127,43 @@ def run_training(ctx: JobContext, project: str, reason: str, run_id: str) -> dic
     client = ctx.registry.redis
     if client is None:
         return _run(ctx, project, reason, run_id)
-    lock = client.lock(
-        names.RUN_LOCK_KEY.format(project=project), timeout=ctx.settings.job_timeout + 60
-    )
-    with lock:
+    with _run_lock(client, project):
         return _run(ctx, project, reason, run_id)
+
+
+RUN_LOCK_TTL = 60.0  # a killed run's lock frees itself within this; a live run renews it
+
+
+@contextmanager
+def _run_lock(client: Any, project: str) -> Iterator[None]:
+    """The project's run lock, renewed while the run lives. A second run waits for it; if a
+    run holding it died (a killed work horse), it expires and the retry goes ahead."""
+    lock = client.lock(
+        names.RUN_LOCK_KEY.format(project=project),
+        timeout=RUN_LOCK_TTL,
+        blocking_timeout=3 * RUN_LOCK_TTL,
+        thread_local=False,  # renewed from another thread
+    )
+    if not lock.acquire():
+        raise RuntimeError(
+            f"another training run of project {project} holds its lock; retrying later"
+        )
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(RUN_LOCK_TTL / 3):
+            with suppress(Exception):  # a lost renewal only shortens the lock
+                lock.reacquire()
+
+    renewer = threading.Thread(target=renew, name="run-lock", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        done.set()
+        renewer.join()
+        with suppress(Exception):  # expired meanwhile: nothing to release
+            lock.release()
 
 
 def _run(ctx: JobContext, project: str, reason: str, run_id: str) -> dict[str, Any]:
