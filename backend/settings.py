@@ -234,7 +234,9 @@ class Settings(BaseSettings):
         0.25, ge=0, le=1, description="Share of windows without boxes kept as negatives."
     )
     keep_versions: int = Field(
-        5, ge=1, description="Checkpoint versions kept per project (the live one always is)."
+        5,
+        ge=1,
+        description="Accepted versions kept per project, and as many rejected ones (the live one always).",
     )
     swap_poll_seconds: float = Field(
         10.0,
