@@ -112,8 +112,11 @@ class Settings(BaseSettings):
     merge_metric: MatchMetric = Field("IOS", description="Overlap measure used when merging.")
     merge_threshold: float = Field(0.5, ge=0, le=1, description="Overlap above which boxes merge.")
     merge_class_agnostic: bool = Field(False, description="Merge boxes of different classes too.")
-    window_batch_size: int = Field(
-        8, ge=1, description="Windows per forward pass (memory cap; on CPU 1-2 is as fast)."
+    window_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Windows per forward pass; `auto`: 1 on CPU (larger batches only cost "
+        "memory and time there), 8 on CUDA.",
     )
 
     # --- limits ---------------------------------------------------------------------------
@@ -268,7 +271,7 @@ class Settings(BaseSettings):
             raise ValueError("BASIC_AUTH_USER is set but BASIC_AUTH_PASS is empty: set both")
         return self
 
-    @field_validator("slice_height", "slice_width", mode="before")
+    @field_validator("slice_height", "slice_width", "window_batch_size", mode="before")
     @classmethod
     def _auto_is_none(cls, value: object) -> object:
         if isinstance(value, str) and value.strip().lower() in {"", "auto", "none"}:

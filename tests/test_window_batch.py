@@ -1,0 +1,43 @@
+"""How many windows go through the model at once: WINDOW_BATCH_SIZE, or by device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from label_studio_sahi.detector import Detector
+from label_studio_sahi.predict import SliceConfig, Timings, auto_window_batch, sliced_detect
+
+
+def _batches(
+    detector: Detector, slicing: SliceConfig, monkeypatch: pytest.MonkeyPatch
+) -> list[int]:
+    sizes: list[int] = []
+    forward = detector.forward
+
+    def counting(inputs: dict[str, torch.Tensor]) -> Any:
+        sizes.append(int(inputs["pixel_values"].shape[0]))
+        return forward(inputs)
+
+    monkeypatch.setattr(detector, "forward", counting)
+    image = np.zeros((256, 384, 3), dtype=np.uint8)
+    sliced_detect(detector, image, slicing, 0.5, Timings())
+    return sizes
+
+
+def test_auto_sends_windows_one_by_one_on_cpu_and_in_eights_on_cuda(
+    detector: Detector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert auto_window_batch(torch.device("cpu")) == 1
+    assert auto_window_batch(torch.device("cuda", 0)) == 8
+    sizes = _batches(detector, SliceConfig(slice_height=128, slice_width=128), monkeypatch)
+    assert len(sizes) > 3 and set(sizes) == {1}  # windows, then the whole image
+
+
+def test_a_set_batch_size_is_kept(detector: Detector, monkeypatch: pytest.MonkeyPatch) -> None:
+    slicing = SliceConfig(slice_height=128, slice_width=128, window_batch_size=3)
+    sizes = _batches(detector, slicing, monkeypatch)
+    assert sizes[0] == 3 and max(sizes) == 3
