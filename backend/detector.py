@@ -44,13 +44,37 @@ def _padded(image: np.ndarray) -> np.ndarray:
     return out
 
 
+def _native_size(processor: Any, images: Sequence[np.ndarray]) -> dict[str, int] | None:
+    """The processor's ``size`` that keeps these images as they are, or None (sizes differ,
+    or a processor whose size has another form)."""
+    shapes = {i.shape[:2] for i in images}
+    if len(shapes) != 1:
+        return None
+    height, width = shapes.pop()
+    current = getattr(processor, "size", None)
+    if getattr(current, "shortest_edge", None) or (
+        isinstance(current, dict) and "shortest_edge" in current
+    ):
+        return {"shortest_edge": min(height, width), "longest_edge": max(height, width)}
+    if getattr(current, "height", None) or (isinstance(current, dict) and "height" in current):
+        return {"height": height, "width": width}
+    return None
+
+
 class Detector(PretrainedModel):
     AUTO_MODEL = AutoModelForObjectDetection
     SETTING = "DETECTOR_MODEL"
 
-    def preprocess(self, images: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
-        """The checkpoint's own resize and normalisation, batched, on the model's device."""
-        inputs = self.process([_padded(i) for i in images])
+    def preprocess(
+        self, images: Sequence[np.ndarray], native: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The checkpoint's own resize and normalisation, batched, on the model's device.
+
+        ``native``: images of one size keep it (the processor's normalisation, not its
+        resize), e.g. 512 px windows not upscaled to 800."""
+        padded = [_padded(i) for i in images]
+        size = _native_size(self.processor, padded) if native else None
+        inputs = self.process(padded, size=size)
         return {
             k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else v.dtype)
             for k, v in inputs.items()

@@ -102,7 +102,9 @@ def half_dtype(device: torch.device, half_precision: bool) -> torch.dtype:
     return torch.float16 if half_precision and device.type == "cuda" else torch.float32
 
 
-def process_images(processor: Any, images: Sequence[Any]) -> Any:
+def process_images(
+    processor: Any, images: Sequence[Any], size: dict[str, int] | None = None
+) -> Any:
     """``processor``'s batch of ``images`` (HWC arrays or PIL images) as torch tensors.
 
     The channel axis is named where the processor takes it: a 1x1 or 3x3 array is
@@ -111,7 +113,9 @@ def process_images(processor: Any, images: Sequence[Any]) -> Any:
     takes = any(
         p.name == "input_data_format" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
     )
-    extra = {"input_data_format": "channels_last"} if takes else {}
+    extra: dict[str, Any] = {"input_data_format": "channels_last"} if takes else {}
+    if size is not None:
+        extra["size"] = size
     return processor(images=list(images), return_tensors="pt", **extra)
 
 
@@ -147,8 +151,8 @@ class PretrainedModel:
         version = f"{short_name(source)}@{checkpoint_revision(source, model)}"
         return cls(model, processor, dev, half_dtype(dev, half_precision), version)
 
-    def process(self, images: Sequence[Any]) -> Any:
-        return process_images(self.processor, images)
+    def process(self, images: Sequence[Any], size: dict[str, int] | None = None) -> Any:
+        return process_images(self.processor, images, size=size)
 
     @property
     def id2label(self) -> dict[int, str]:

@@ -60,6 +60,7 @@ class SliceConfig:
     merge_threshold: float = 0.5
     class_agnostic: bool = False
     window_batch_size: int | None = None  # None: auto_window_batch(device)
+    native_windows: bool = False  # windows at their own size, not the processor's
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SliceConfig:
@@ -74,6 +75,7 @@ class SliceConfig:
             merge_threshold=settings.merge_threshold,
             class_agnostic=settings.merge_class_agnostic,
             window_batch_size=settings.window_batch_size,
+            native_windows=settings.native_window_size,
         )
 
 
@@ -127,7 +129,9 @@ def sliced_detect(
         parts.extend(
             det.shifted(x1, y1)
             for det, (x1, y1, _, _) in zip(
-                _detect(detector, chunk, threshold, timings), offsets, strict=True
+                _detect(detector, chunk, threshold, timings, native=slicing.native_windows),
+                offsets,
+                strict=True,
             )
         )
     if slicing.full_image_pass and len(windows) > 1:
@@ -143,10 +147,14 @@ def sliced_detect(
 
 
 def _detect(
-    detector: Detector, images: Sequence[np.ndarray], threshold: float, timings: Timings
+    detector: Detector,
+    images: Sequence[np.ndarray],
+    threshold: float,
+    timings: Timings,
+    native: bool = False,
 ) -> list[Detections]:
     with timings.stage("preprocess"):
-        inputs = detector.preprocess(images)
+        inputs = detector.preprocess(images, native=native)
     with timings.stage("detector"):
         outputs = detector.forward(inputs)
     with timings.stage("postprocess"):

@@ -397,6 +397,20 @@ def sahi_table(seed: int, labels: int, split: TestSplit, base: Path) -> list[dic
     return rows
 
 
+def native_table(split: TestSplit, base: Path, sizes: Sequence[int]) -> list[dict[str, Any]]:
+    """The base on the test split with windows smaller than its processor's input (128 px),
+    resized up to it as by default, or fed at their own size (NATIVE_WINDOW_SIZE)."""
+    detector = Detector.load(str(base), device="cpu")
+    rows = []
+    for size in sizes:
+        for native in (False, True):
+            slicing = SliceConfig(slice_height=size, slice_width=size, native_windows=native)
+            rows.append({"window": size, "native": native,
+                         **score(detector, TAG, split, slicing, 0.3)})  # fmt: skip
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -429,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of rounds: each DETR family (detr conditional_detr deformable_detr "
         "rt_detr) from its own source base, through the same rounds",
     )
+    parser.add_argument("--native-table", type=int, nargs="+", metavar="WINDOW",
+                        help="instead of rounds: the base with WINDOW px windows, upscaled vs native")  # fmt: skip
     parser.add_argument("--base-steps", type=int, default=3000,
                         help="steps of source-domain training for a family's base")  # fmt: skip
     parser.add_argument(
@@ -449,8 +465,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ls-sahi-quality-") as tmp:
         base = base_model(args.out / "cache")
-        if args.ablation or args.sahi_table or args.families:
-            if args.families:
+        if args.ablation or args.sahi_table or args.families or args.native_table:
+            if args.native_table:
+                extra = native_table(split, base, args.native_table)
+                name = "native_table"
+            elif args.families:
                 extra = families(args.families, args.seeds, sorted(args.rounds), split,
                                  args.base_steps, args.out / "cache", Path(tmp), overrides,
                                  args.jobs)  # fmt: skip

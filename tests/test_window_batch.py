@@ -41,3 +41,31 @@ def test_a_set_batch_size_is_kept(detector: Detector, monkeypatch: pytest.Monkey
     slicing = SliceConfig(slice_height=128, slice_width=128, window_batch_size=3)
     sizes = _batches(detector, slicing, monkeypatch)
     assert sizes[0] == 3 and max(sizes) == 3
+
+
+def _input_sizes(
+    detector: Detector, slicing: SliceConfig, monkeypatch: pytest.MonkeyPatch
+) -> list[tuple[int, int]]:
+    sizes: list[tuple[int, int]] = []
+    forward = detector.forward
+
+    def recording(inputs: dict[str, torch.Tensor]) -> Any:
+        sizes.append(tuple(inputs["pixel_values"].shape[-2:]))  # type: ignore[arg-type]
+        return forward(inputs)
+
+    monkeypatch.setattr(detector, "forward", recording)
+    sliced_detect(detector, np.zeros((256, 384, 3), dtype=np.uint8), slicing, 0.5, Timings())
+    monkeypatch.undo()
+    return sizes
+
+
+def test_native_windows_keep_their_size_and_the_whole_image_still_uses_the_processors(
+    detector: Detector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fixture's processor resizes to a 128 px shortest edge; these windows are 96 px.
+    upscaled = _input_sizes(detector, SliceConfig(slice_height=96, slice_width=96), monkeypatch)
+    native = _input_sizes(
+        detector, SliceConfig(slice_height=96, slice_width=96, native_windows=True), monkeypatch
+    )
+    assert set(upscaled[:-1]) == {(128, 128)} and set(native[:-1]) == {(96, 96)}
+    assert native[-1] == upscaled[-1] == (128, 192)  # the full-image pass: processor's size
