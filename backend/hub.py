@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -102,6 +103,16 @@ def half_dtype(device: torch.device, half_precision: bool) -> torch.dtype:
     return torch.float16 if half_precision and device.type == "cuda" else torch.float32
 
 
+@functools.cache
+def _takes_data_format(preprocess: Callable[..., Any]) -> bool:
+    """Whether a processor class's ``preprocess`` takes ``input_data_format`` (once per
+    class, not per batch: this is on the serving path)."""
+    parameters = inspect.signature(preprocess).parameters.values()
+    return any(
+        p.name == "input_data_format" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
+    )
+
+
 def process_images(
     processor: Any, images: Sequence[Any], size: dict[str, int] | None = None
 ) -> Any:
@@ -109,10 +120,7 @@ def process_images(
 
     The channel axis is named where the processor takes it: a 1x1 or 3x3 array is
     otherwise guessed channels-first. (timm's processors take no such argument.)"""
-    parameters = inspect.signature(processor.preprocess).parameters.values()
-    takes = any(
-        p.name == "input_data_format" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
-    )
+    takes = _takes_data_format(type(processor).preprocess)
     extra: dict[str, Any] = {"input_data_format": "channels_last"} if takes else {}
     if size is not None:
         extra["size"] = size

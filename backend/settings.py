@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from label_studio_sahi import names
@@ -252,19 +252,15 @@ class Settings(BaseSettings):
         description="Serving processes check the live version this often if pub/sub is lost.",
     )
 
-    @field_validator("egress_allow", mode="before")
+    @field_validator("egress_allow", "allowed_image_formats", mode="before")
     @classmethod
-    def _split_list(cls, value: object) -> object:
-        if isinstance(value, str) and not value.lstrip().startswith("["):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
-
-    @field_validator("allowed_image_formats", mode="before")
-    @classmethod
-    def _split_formats(cls, value: object) -> object:
+    def _split_list(cls, value: object, info: ValidationInfo) -> object:
         # Environment variables are plain strings: accept "JPEG,PNG" as well as JSON lists.
         if isinstance(value, str) and not value.lstrip().startswith("["):
-            return [part.strip().upper() for part in value.split(",") if part.strip()]
+            parts = [part.strip() for part in value.split(",") if part.strip()]
+            return (
+                [p.upper() for p in parts] if info.field_name == "allowed_image_formats" else parts
+            )
         return value
 
     @model_validator(mode="after")

@@ -6,7 +6,6 @@ takes the named cases below, then Hypothesis' made-up bodies for every route."""
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -17,10 +16,10 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from http_origins import png
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from labelled_project import CONFIG
-from PIL import Image
 from servers import LEGACY_TOKEN, LiveServer, make_settings, start_uvicorn, stop_uvicorn
 
 from label_studio_sahi.predict import ModelBundle
@@ -30,19 +29,13 @@ from label_studio_sahi.service import Service
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _png(size: tuple[int, int]) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", size, "gray").save(out, "PNG")
-    return out.getvalue()
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("bad-images")
     for name, size in {"one": (1, 1), "two": (2, 2), "strip": (20000, 8), "pole": (8, 20000),
                        "thin": (3, 900), "ok": (64, 48)}.items():  # fmt: skip
-        (folder / f"{name}.png").write_bytes(_png(size))
-    (folder / "truncated.png").write_bytes(_png((64, 48))[:60])
+        (folder / f"{name}.png").write_bytes(png(*size, "gray"))
+    (folder / "truncated.png").write_bytes(png(64, 48, "gray")[:60])
     (folder / "text.png").write_bytes(b"not an image at all")
     (folder / "empty.png").write_bytes(b"")
     return folder

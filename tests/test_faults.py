@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 from fake_studio import FakeStudio
+from http_origins import png
 from labelled_project import CONFIG, labelled_project
 from rq import Queue
 from servers import LEGACY_TOKEN, make_settings, start_uvicorn, stop_uvicorn
@@ -38,7 +39,7 @@ def test_redis_down_and_back_keeps_serving_and_loses_no_job_or_live_pointer(
     registry.set_live("4", v1.name)
     service = Service(settings, bundle, redis_client=connect(url))
     live = start_uvicorn(create_app(settings, service))
-    (folder / "a.png").write_bytes(_png())
+    (folder / "a.png").write_bytes(png(96, 64, "gray"))
     predict = {"tasks": [{"id": 1, "data": {"image": "/data/upload/a.png"}}],
                "label_config": CONFIG, "project": "4"}  # fmt: skip
     train = {"action": "START_TRAINING", "project": {"id": 4}}
@@ -66,16 +67,6 @@ def test_redis_down_and_back_keeps_serving_and_loses_no_job_or_live_pointer(
     finally:
         stop_uvicorn(live)
         redis_server.stop()
-
-
-def _png() -> bytes:
-    import io
-
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.new("RGB", (96, 64), "gray").save(out, "PNG")
-    return out.getvalue()
 
 
 def test_label_studio_down_during_a_job_fails_it_clearly_for_rq_to_retry(
