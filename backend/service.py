@@ -143,7 +143,12 @@ class Service:
         if self.redis is None:
             return
         with self._swap_lock:  # one load at a time; requests are never blocked by it
-            live = self.registry.live_projects()
+            # One project (a pub/sub message, a reload on demand): its own key, not a scan.
+            live: dict[str, str | None] = (
+                {project: self.registry.live(project)}
+                if project is not None
+                else dict(self.registry.live_projects())
+            )
             projects = (
                 [project] if project is not None else sorted(set(live) | set(self._predictors))
             )
@@ -164,9 +169,8 @@ class Service:
         if wanted is None:
             with self._lock:
                 self._unloaded.discard(project)
-            if project in self._predictors:
-                with self._lock:
-                    old = self._predictors.pop(project)
+                old = self._predictors.pop(project, None)
+            if old is not None:
                 log.info(
                     "version_swapped project=%s from=%s to=%s",
                     project,
