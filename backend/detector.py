@@ -9,16 +9,23 @@ decode it.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
 
 import numpy as np
 import torch
 from transformers import AutoModelForObjectDetection
 
-from label_studio_sahi.hub import PretrainedModel
+from label_studio_sahi.engine import OnnxRunner, load_runner
+from label_studio_sahi.hub import PretrainedModel, checkpoint_revision
+from label_studio_sahi.settings import Engine
 from label_studio_sahi.slicing import Detections, clip_boxes
+
+log = logging.getLogger(__name__)
 
 # DETR processors resize to a shortest and a longest edge; past this aspect ratio a thin
 # image's short side would shrink below one pixel (a 20000x8 strip). Such an image is padded
@@ -61,9 +68,52 @@ def _native_size(processor: Any, images: Sequence[np.ndarray]) -> dict[str, int]
     return None
 
 
+@dataclass
 class Detector(PretrainedModel):
     AUTO_MODEL = AutoModelForObjectDetection
     SETTING = "DETECTOR_MODEL"
+
+    # ONNX Runtime in place of the PyTorch forward (DETECTOR_ENGINE=onnxruntime, see
+    # engine.py); the PyTorch model stays loaded: training and the fallback use it.
+    runner: OnnxRunner | None = None
+
+    @classmethod
+    def load(
+        cls,
+        source: str,
+        device: str = "auto",
+        half_precision: bool = True,
+        engine: Engine = "torch",
+        threads: int | None = None,
+    ) -> Self:
+        detector = super().load(source, device, half_precision)
+        if engine == "onnxruntime" and detector.device.type != "cpu":
+            log.warning("engine_skipped engine=onnxruntime device=%s using=torch", detector.device)
+        elif engine != "torch" and detector.device.type == "cpu":
+            detector.use_engine(source, threads)
+        return detector
+
+    def use_engine(self, source: str, threads: int | None = None) -> None:
+        """Serve through ONNX Runtime when it answers like the model (else stay on PyTorch)."""
+        folder = Path(source).expanduser()
+        height, width = self.input_shape()
+        self.runner = load_runner(
+            self.model,
+            folder if folder.is_dir() else None,
+            checkpoint_revision(source, self.model),
+            height,
+            width,
+            threads,
+        )
+
+    def input_shape(self) -> tuple[int, int]:
+        """The ``(height, width)`` the processor gives the model for a square window."""
+        pixels = self.process([np.zeros((64, 64, 3), dtype=np.uint8)])["pixel_values"]
+        return int(pixels.shape[-2]), int(pixels.shape[-1])
+
+    @property
+    def engine(self) -> str:
+        return "onnxruntime" if self.runner is not None else "torch"
 
     def preprocess(
         self, images: Sequence[np.ndarray], native: bool = False
@@ -83,7 +133,7 @@ class Detector(PretrainedModel):
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> Any:
         with self._lock, torch.inference_mode():
-            return self.model(**inputs)
+            return self.runner(inputs) if self.runner is not None else self.model(**inputs)
 
     def postprocess(
         self, outputs: Any, sizes: Sequence[tuple[int, int]], threshold: float

@@ -27,9 +27,7 @@ def load_base_bundle(settings: Settings) -> ModelBundle:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     detector = (
-        Detector.load(settings.detector_model, settings.device, settings.half_precision)
-        if settings.detector_model
-        else None
+        _load_detector(settings.detector_model, settings) if settings.detector_model else None
     )
     classifier = (
         Classifier.load(settings.classifier_model, settings.device, settings.half_precision)
@@ -43,6 +41,16 @@ def load_base_bundle(settings: Settings) -> ModelBundle:
     return bundle
 
 
+def _load_detector(source: str, settings: Settings) -> Detector:
+    return Detector.load(
+        source,
+        settings.device,
+        settings.half_precision,
+        engine=settings.detector_engine,
+        threads=settings.torch_threads,
+    )
+
+
 def _load_classifier(source: str, settings: Settings) -> Classifier | None:
     return Classifier.load(source, settings.device, settings.half_precision) if source else None
 
@@ -51,9 +59,7 @@ def load_version_bundle(
     version: Version, base_classifier: Callable[[], Classifier | None], settings: Settings
 ) -> ModelBundle:
     """A fine-tuned version's models: its classifier, or (only then loaded) the base one."""
-    detector = Detector.load(
-        str(version.path / names.DETECTOR_DIR), settings.device, settings.half_precision
-    )
+    detector = _load_detector(str(version.path / names.DETECTOR_DIR), settings)
     own = version.path / names.CLASSIFIER_DIR
     classifier = _load_classifier(str(own), settings) if own.is_dir() else base_classifier()
     return ModelBundle(detector, classifier, version=version.model_version)

@@ -22,6 +22,9 @@ from label_studio_sahi import names
 # settings never import the geometry.
 MergeType = Literal["NMS", "NMM", "GREEDYNMM"]
 MatchMetric = Literal["IOU", "IOS"]
+# What runs the detector's forward pass (engine.py): `auto` is ONNX Runtime on a CPU and
+# PyTorch on CUDA.
+Engine = Literal["auto", "torch", "onnxruntime"]
 
 
 class Settings(BaseSettings):
@@ -82,6 +85,12 @@ class Settings(BaseSettings):
     half_precision: bool = Field(True, description="Run models in float16 on CUDA.")
     torch_threads: int | None = Field(
         None, description="torch intra-op threads on CPU (None: torch's default)."
+    )
+    detector_engine: Engine = Field(
+        "auto",
+        description="What runs the detector: `torch`, `onnxruntime` (CPU: exported at load or "
+        "by the worker at publish, used only if its boxes equal PyTorch's), `auto` = "
+        "onnxruntime on CPU, torch on CUDA.",
     )
 
     # --- prediction ---------------------------------------------------------------------

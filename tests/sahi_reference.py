@@ -30,9 +30,10 @@ def sahi_model(detector: Detector, threshold: float) -> HuggingfaceDetectionMode
 
 
 def sahi_sliced_prediction(
-    model: HuggingfaceDetectionModel, pixels: np.ndarray, cfg: SliceConfig
+    model: HuggingfaceDetectionModel, pixels: np.ndarray, cfg: SliceConfig, batch_size: int = 1
 ) -> list[ObjectPrediction]:
-    """``get_sliced_prediction`` with ``cfg``'s windows, full-image pass and merging."""
+    """``get_sliced_prediction`` with ``cfg``'s windows, full-image pass and merging
+    (``batch_size`` windows per forward pass)."""
     result = get_sliced_prediction(
         pixels,
         model,
@@ -46,6 +47,7 @@ def sahi_sliced_prediction(
         postprocess_match_threshold=cfg.merge_threshold,
         postprocess_class_agnostic=cfg.class_agnostic,
         verbose=0,
+        batch_size=batch_size,
     )
     return result.object_prediction_list
 

@@ -26,7 +26,9 @@ from rq import get_current_job
 from label_studio_sahi import names
 from label_studio_sahi.classifier import Classifier
 from label_studio_sahi.detector import Detector
+from label_studio_sahi.engine import write_onnx
 from label_studio_sahi.errors import ImageError
+from label_studio_sahi.hub import checkpoint_revision
 from label_studio_sahi.images import ImageLoader
 from label_studio_sahi.labeling import ControlTag, LabelConfig, parse_label_config
 from label_studio_sahi.models import project_bundle
@@ -191,7 +193,10 @@ def _run(ctx: JobContext, project: str, reason: str, run_id: str) -> dict[str, A
             **data.stats,
         }
     live_name = registry.live(project)
-    parent = project_bundle(ctx.settings, registry, project)
+    # The parent as it trains (and is judged beside its candidate): in PyTorch.
+    parent = project_bundle(
+        ctx.settings.model_copy(update={"detector_engine": "torch"}), registry, project
+    )
     candidates = train_and_evaluate(ctx, data, parent)
     if candidates.detector is None and candidates.classifier is None:
         return {
@@ -365,6 +370,8 @@ def publish(
             if model is not None:
                 model.model.save_pretrained(folder / sub)
                 model.processor.save_pretrained(folder / sub)
+        if accepted and detector is not None and ctx.settings.detector_engine != "torch":
+            export_engine(detector, folder / names.DETECTOR_DIR)
         _plot_curves(candidates.curves, folder / names.CURVES_FILE)
 
     version = ctx.registry.publish(project, write, meta)
@@ -372,6 +379,18 @@ def publish(
         ctx.registry.set_live(project, version.name)
     ctx.registry.prune(project, ctx.settings.keep_versions)
     return version
+
+
+def export_engine(detector: Detector, folder: Path) -> None:
+    """The ONNX graph beside the weights, so that serving processes swap to it ready.
+    A model the exporter cannot take is published without one (served by PyTorch)."""
+    model = detector.model if detector.device.type == "cpu" else copy.deepcopy(detector.model).cpu()
+    try:
+        write_onnx(
+            model.float(), folder, checkpoint_revision(str(folder), model), *detector.input_shape()
+        )
+    except Exception as exc:
+        log.warning("engine_export_failed error=%s: %s", type(exc).__name__, str(exc)[:200])
 
 
 def _summary(meta: dict[str, Any], name: str, project: str) -> dict[str, Any]:
