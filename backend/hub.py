@@ -113,18 +113,51 @@ def _takes_data_format(preprocess: Callable[..., Any]) -> bool:
     )
 
 
+def _takes_device(processor_class: Any) -> bool:
+    """Whether a processor runs on a torch device (transformers' torchvision backend)."""
+    kwargs = getattr(processor_class, "valid_kwargs", None)
+    return "device" in getattr(kwargs, "__annotations__", {})
+
+
 def process_images(
-    processor: Any, images: Sequence[Any], size: dict[str, int] | None = None
+    processor: Any,
+    images: Sequence[Any],
+    size: dict[str, int] | None = None,
+    device: torch.device | None = None,
 ) -> Any:
     """``processor``'s batch of ``images`` (HWC arrays or PIL images) as torch tensors.
 
     The channel axis is named where the processor takes it: a 1x1 or 3x3 array is
-    otherwise guessed channels-first. (timm's processors take no such argument.)"""
+    otherwise guessed channels-first. (timm's processors take no such argument.)
+
+    On CUDA a torchvision-backed processor is given the device: the uint8 windows go up
+    (a quarter of the bytes of float32, and fewer pixels than after upscaling) and are
+    resized and normalised there, in batches, by the checkpoint's own code."""
     takes = _takes_data_format(type(processor).preprocess)
     extra: dict[str, Any] = {"input_data_format": "channels_last"} if takes else {}
     if size is not None:
         extra["size"] = size
+    if device is not None and device.type == "cuda" and _takes_device(type(processor)):
+        extra["device"] = str(device)
     return processor(images=list(images), return_tensors="pt", **extra)
+
+
+class CompiledForward:
+    """``torch.compile`` of a model's forward that falls back to eager for good at the
+    first failure (a family or shape the compiler cannot take), with the reason logged."""
+
+    def __init__(self, model: Any, **options: Any) -> None:
+        self.eager = model.forward
+        self.compiled: Callable[..., Any] | None = torch.compile(model.forward, **options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as exc:
+                log.warning("compile_failed using=eager error=%s", type(exc).__name__)
+                self.compiled = None
+        return self.eager(*args, **kwargs)
 
 
 @dataclass
@@ -150,17 +183,25 @@ class PretrainedModel:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, source: str, device: str = "auto", half_precision: bool = True) -> Self:
-        """Load from a hub id or folder (see ``load_pretrained`` for the errors)."""
+    def load(
+        cls, source: str, device: str = "auto", half_precision: bool = True, compile: bool = False
+    ) -> Self:
+        """Load from a hub id or folder (see ``load_pretrained`` for the errors).
+
+        ``compile``: ``torch.compile`` the forward on CUDA (shapes marked dynamic: windows
+        and whole images differ), eager again if it fails."""
         from transformers import AutoImageProcessor
 
         model, processor = load_pretrained(cls.AUTO_MODEL, AutoImageProcessor, source, cls.SETTING)
         dev = resolve_device(device)
         version = f"{short_name(source)}@{checkpoint_revision(source, model)}"
-        return cls(model, processor, dev, half_dtype(dev, half_precision), version)
+        loaded = cls(model, processor, dev, half_dtype(dev, half_precision), version)
+        if compile and dev.type == "cuda":
+            loaded.model.forward = CompiledForward(loaded.model, dynamic=True)
+        return loaded
 
     def process(self, images: Sequence[Any], size: dict[str, int] | None = None) -> Any:
-        return process_images(self.processor, images, size=size)
+        return process_images(self.processor, images, size=size, device=self.device)
 
     @property
     def id2label(self) -> dict[int, str]:

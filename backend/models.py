@@ -29,11 +29,7 @@ def load_base_bundle(settings: Settings) -> ModelBundle:
     detector = (
         _load_detector(settings.detector_model, settings) if settings.detector_model else None
     )
-    classifier = (
-        Classifier.load(settings.classifier_model, settings.device, settings.half_precision)
-        if settings.classifier_model
-        else None
-    )
+    classifier = _load_classifier(settings.classifier_model, settings)
     bundle = ModelBundle(detector, classifier)
     log.info(
         "models_loaded version=%s device=%s", bundle.version, detector.device if detector else "-"
@@ -48,11 +44,16 @@ def _load_detector(source: str, settings: Settings) -> Detector:
         settings.half_precision,
         engine=settings.detector_engine,
         threads=settings.torch_threads,
+        compile=settings.torch_compile,
     )
 
 
 def _load_classifier(source: str, settings: Settings) -> Classifier | None:
-    return Classifier.load(source, settings.device, settings.half_precision) if source else None
+    return (
+        Classifier.load(source, settings.device, settings.half_precision, settings.torch_compile)
+        if source
+        else None
+    )
 
 
 def load_version_bundle(

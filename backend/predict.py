@@ -59,7 +59,7 @@ class SliceConfig:
     merge_metric: MatchMetric = "IOS"
     merge_threshold: float = 0.5
     class_agnostic: bool = False
-    window_batch_size: int | None = None  # None: auto_window_batch(device)
+    window_batch_size: int | None = None  # None: Detector.window_batch()
     native_windows: bool = False  # windows at their own size, not the processor's
 
     @classmethod
@@ -123,7 +123,7 @@ def sliced_detect(
         ).tolist()
         crops = [image[y1:y2, x1:x2] for x1, y1, x2, y2 in windows]
     parts: list[Detections] = []
-    step = slicing.window_batch_size or auto_window_batch(detector.device)
+    step = slicing.window_batch_size or detector.window_batch()
     for start in range(0, len(crops), step):
         chunk, offsets = crops[start : start + step], windows[start : start + step]
         parts.extend(
@@ -161,18 +161,6 @@ def _detect(
         return detector.postprocess(
             outputs, [(img.shape[0], img.shape[1]) for img in images], threshold
         )
-
-
-# Windows per forward pass when WINDOW_BATCH_SIZE is auto. On a CPU a batch is no faster
-# than its windows one by one, and costs memory and time: a DETR-R50 over 41 windows took
-# about 30 % longer and 1 GB more at batch 8 than at 1 (speed issue, 2-core CPU). On a
-# GPU batches keep the device busy.
-CPU_WINDOW_BATCH = 1
-CUDA_WINDOW_BATCH = 8
-
-
-def auto_window_batch(device: Any) -> int:
-    return CUDA_WINDOW_BATCH if getattr(device, "type", str(device)) == "cuda" else CPU_WINDOW_BATCH
 
 
 @dataclass

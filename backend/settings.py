@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, description="torch intra-op threads on CPU (None: torch's default)."
     )
+    torch_compile: bool = Field(
+        False,
+        description="torch.compile the models' forward on CUDA (slow first requests; eager "
+        "again if it fails).",
+    )
     detector_engine: Engine = Field(
         "auto",
         description="What runs the detector: `torch`, `onnxruntime` (CPU: exported at load or "

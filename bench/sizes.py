@@ -47,7 +47,7 @@ def make_image(path: Path, megapixels: float) -> tuple[int, int]:
     return width, height
 
 
-def serve_one(model: str, image_dir: Path, name: str) -> dict[str, float]:
+def serve_one(model: str, device: str, image_dir: Path, name: str) -> dict[str, float]:
     """(in the child) Serve, warm up, then time one /predict of ``name`` and sample memory."""
     import httpx
     import psutil
@@ -65,7 +65,7 @@ def serve_one(model: str, image_dir: Path, name: str) -> dict[str, float]:
         _env_file=None,  # type: ignore[call-arg]
         detector_model=folder,
         classifier_model="",
-        device="cpu",
+        device=device,
         auth="off",
         label_studio_url=ls_url,
     )
@@ -110,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=float, nargs="+", default=[1, 4, 16, 64, 100])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", choices=["tiny", "r50"], default="tiny")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--child", nargs=2, metavar=("DIR", "NAME"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(serve_one(args.model, Path(args.child[0]), args.child[1])))
+        print(json.dumps(serve_one(args.model, args.device, Path(args.child[0]), args.child[1])))
         return 0
 
     from label_studio_sahi.slicing import slice_windows
@@ -130,7 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[float, list[dict[str, float]]] = {mp: [] for mp in args.sizes}
     for round_ in range(args.rounds):
         for mp in args.sizes:
-            child = [sys.executable, "-m", "bench.sizes", "--model", args.model]
+            child = [
+                sys.executable,
+                "-m",
+                "bench.sizes",
+                "--model",
+                args.model,
+                "--device",
+                args.device,
+            ]
             out = subprocess.run(
                 [*child, "--child", str(images), f"{mp:g}mp.jpg"],
                 check=True,

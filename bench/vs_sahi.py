@@ -31,13 +31,14 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from bench.bench_predict import build_detr_r50, serve_folder, time_predict
+from bench.bench_predict import build_detr_r50, serve_folder, time_forward, time_predict
 from label_studio_sahi.detector import Detector
 from label_studio_sahi.predict import ModelBundle, SliceConfig, sliced_detect
 from label_studio_sahi.server import create_app
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slice", type=int, default=512)
     parser.add_argument("--sahi-batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--skip", nargs="*", default=[], help="contenders to leave out")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu.sh)")
     args = parser.parse_args(argv)
+    on_cpu = args.device == "cpu"
 
     work = Path(tempfile.mkdtemp(prefix="ls-sahi-vs-sahi-"))
     images = work / "images"
@@ -86,47 +89,49 @@ def main(argv: list[str] | None = None) -> int:
     scene.image.save(images / "big.jpg", quality=92)
     pixels = np.asarray(Image.open(images / "big.jpg").convert("RGB"))  # what /predict sees
     folder = build_detr_r50(work / "detr-r50")
-    torch_det = Detector.load(str(folder), device="cpu", engine="torch")
-    onnx_det = Detector.load(str(folder), device="cpu", engine="onnxruntime")
-    assert onnx_det.engine == "onnxruntime", "the engine did not load; see the log"
+    torch_det = Detector.load(str(folder), device=args.device, engine="torch")
+    onnx_det = Detector.load(str(folder), device="cpu", engine="onnxruntime") if on_cpu else None
+    assert onnx_det is None or onnx_det.engine == "onnxruntime", "no engine; see the log"
     base = Settings(
         _env_file=None,  # type: ignore[call-arg]
         slice_height=args.slice,
         slice_width=args.slice,
-        device="cpu",
+        device=args.device,
         auth="off",
         classifier_model="",
     )
+    cfg = SliceConfig.from_settings(base)
     n_windows = len(slice_windows(args.height, args.width, args.slice, args.slice, 0.2, 0.2))
     print(
         f"image {args.width}x{args.height}, {n_windows} windows of {args.slice} px + the whole "
         f"image, torch threads {torch.get_num_threads()}",
         flush=True,
     )
-    print(
-        "engine vs torch:",
-        engine_boxes_gap(torch_det, onnx_det, pixels, SliceConfig.from_settings(base)),
-        flush=True,
-    )
+    print(f"device {torch_det.device}, window batch (auto) {torch_det.window_batch()}", flush=True)
+    if onnx_det is not None:
+        print("engine vs torch:", engine_boxes_gap(torch_det, onnx_det, pixels, cfg), flush=True)
 
     httpd, ls_url = serve_folder(images)
     servers: dict[str, LiveServer] = {}
     contenders: dict[str, Callable[[], float]] = {}
     try:
         for name, (engine, native) in BACKENDS.items():
-            if name in args.skip:
+            if name in args.skip or (engine == "onnxruntime" and onnx_det is None):
                 continue
             settings = base.model_copy(
                 update={"label_studio_url": ls_url, "native_window_size": native}
             )
-            detector = onnx_det if engine == "onnxruntime" else torch_det
+            detector = onnx_det if engine == "onnxruntime" and onnx_det else torch_det
             service = Service(settings, ModelBundle(detector, None))
             servers[name] = live = start_uvicorn(create_app(settings, service))
             contenders[name] = lambda url=live.url: time_predict(url, ls_url)
             contenders[name]()  # warm-up: first-call allocations, lazy imports
         from tests.sahi_reference import sahi_model, sahi_sliced_prediction
 
-        cfg = SliceConfig.from_settings(base)
+        # The floor: the model's forward alone on the windows /predict runs, batched as it
+        # batches them, inputs made beforehand (on the device).
+        auto = replace(cfg, window_batch_size=torch_det.window_batch())
+        contenders["model forward only"] = lambda: time_forward(torch_det, pixels, auto)
         for batch in args.sahi_batches:
             model = sahi_model(torch_det, base.score_threshold)
 

@@ -20,12 +20,12 @@ from label_studio_sahi.slicing import Detections
 
 
 def sahi_model(detector: Detector, threshold: float) -> HuggingfaceDetectionModel:
-    """sahi's transformers adapter around ``detector``'s model and image processor, on CPU."""
+    """sahi's transformers adapter around ``detector``'s model and image processor, on its device."""
     return HuggingfaceDetectionModel(
         model=detector.model,
         processor=detector.processor,
         confidence_threshold=threshold,
-        device="cpu",
+        device=str(detector.device),
     )
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from label_studio_sahi.detector import Detector
-from label_studio_sahi.predict import SliceConfig, Timings, auto_window_batch, sliced_detect
+from label_studio_sahi.detector import Detector, fit_batch
+from label_studio_sahi.predict import SliceConfig, Timings, sliced_detect
 
 
 def _batches(
@@ -28,11 +28,14 @@ def _batches(
     return sizes
 
 
-def test_auto_sends_windows_one_by_one_on_cpu_and_in_eights_on_cuda(
+def test_auto_sends_windows_one_by_one_on_cpu_and_as_many_as_memory_holds_on_cuda(
     detector: Detector, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert auto_window_batch(torch.device("cpu")) == 1
-    assert auto_window_batch(torch.device("cuda", 0)) == 8
+    assert detector.window_batch() == 1
+    # On CUDA: half the free memory over one window's forward, 1 to 32 windows.
+    assert fit_batch(free_bytes=8 * 2**30, per_window_bytes=256 * 2**20) == 16
+    assert fit_batch(free_bytes=80 * 2**30, per_window_bytes=256 * 2**20) == 32
+    assert fit_batch(free_bytes=100 * 2**20, per_window_bytes=256 * 2**20) == 1
     sizes = _batches(detector, SliceConfig(slice_height=128, slice_width=128), monkeypatch)
     assert len(sizes) > 3 and set(sizes) == {1}  # windows, then the whole image
 
