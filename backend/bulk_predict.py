@@ -78,7 +78,7 @@ def predict_project(project: str, only_missing: bool = True) -> dict[str, Any]:
     with StudioClient(settings) as studio, ImageLoader(settings) as loader:
         config = parse_label_config(studio.project(project)["label_config"])
         tasks = list(studio.iter_tasks(project))
-        predictor = Predictor(bundle, settings, loader.load)
+        predictor = Predictor(bundle, settings, loader.load_pixels)
         try:
             for i, task in enumerate(tasks, 1):
                 versions = {

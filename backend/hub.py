@@ -113,7 +113,7 @@ def _takes_data_format(preprocess: Callable[..., Any]) -> bool:
     )
 
 
-def _takes_device(processor_class: Any) -> bool:
+def takes_device(processor_class: Any) -> bool:
     """Whether a processor runs on a torch device (transformers' torchvision backend)."""
     kwargs = getattr(processor_class, "valid_kwargs", None)
     return "device" in getattr(kwargs, "__annotations__", {})
@@ -137,7 +137,7 @@ def process_images(
     extra: dict[str, Any] = {"input_data_format": "channels_last"} if takes else {}
     if size is not None:
         extra["size"] = size
-    if device is not None and device.type == "cuda" and _takes_device(type(processor)):
+    if device is not None and device.type == "cuda" and takes_device(type(processor)):
         extra["device"] = str(device)
     return processor(images=list(images), return_tensors="pt", **extra)
 

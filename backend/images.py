@@ -36,6 +36,7 @@ from types import TracebackType
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import httpx
+import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from label_studio_sahi.egress import EgressPolicy
@@ -95,6 +96,92 @@ def decode_image(data: bytes, settings: Settings) -> Image.Image:
     decodes strictly (truncated data fails), applies the EXIF orientation and converts
     to RGB (transparent areas on white, 16-bit images scaled rather than clipped).
     """
+    image = _opened(data, settings)
+    try:
+        try:
+            _load_strictly(image)
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLarge(_bomb_message(exc, settings.max_image_pixels)) from None
+        except Exception:
+            raise ImageFormatError(
+                f"cannot decode the {image.format} image: truncated or not an image"
+            ) from None
+        _apply_exif_orientation(image)
+        return _to_rgb(image)
+    except ImageError:
+        image.close()
+        raise
+
+
+def decode_pixels(data: bytes, settings: Settings) -> np.ndarray:
+    """``decode_image``'s pixels as one HWC uint8 array, with the same checks and errors.
+
+    A plain JPEG or PNG (RGB or grey, upright, whole) is decoded by torchvision straight
+    into the array: PIL holds 4 bytes a pixel, and its image beside the array would double
+    the memory of a large image (700 MB at 100 MP instead of 300). The two decoders give
+    the same pixels (libjpeg-turbo both; tested). Anything else goes through PIL.
+    """
+    image = _opened(data, settings)
+    if _plain(image, data):
+        try:
+            return _torchvision_decode(data)
+        except Exception:  # PIL's decode below says what is wrong, in its words
+            log.debug("torchvision could not decode a %s; using PIL", image.format)
+    image.close()
+    return rgb_pixels(decode_image(data, settings))
+
+
+# Rows converted at a time by rgb_pixels: a few MB of transient copies at any width.
+CONVERT_BAND_ROWS = 256
+
+
+def rgb_pixels(image: Image.Image) -> np.ndarray:
+    """An RGB image's pixels as one HWC uint8 array, band by band: ``np.asarray`` would
+    hold two full copies at once (PIL's bytes, then the array), 600 MB at 100 MP."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    width, height = image.size
+    pixels = np.empty((height, width, 3), dtype=np.uint8)
+    for top in range(0, height, CONVERT_BAND_ROWS):
+        bottom = min(top + CONVERT_BAND_ROWS, height)
+        pixels[top:bottom] = np.asarray(image.crop((0, top, width, bottom)))
+    return pixels
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def _plain(image: Image.Image, data: bytes) -> bool:
+    """A JPEG or PNG that decodes to RGB as it is: no palette, alpha, CMYK or 16-bit
+    conversion, no EXIF rotation, and (JPEG) not cut short (libjpeg pads a truncated
+    file with grey instead of failing)."""
+    if image.format == "JPEG":
+        whole = data.rstrip(b"\0").endswith(b"\xff\xd9")
+    elif image.format == "PNG":
+        whole = True  # libpng fails on a truncated file
+    else:
+        return False
+    try:
+        upright = image.getexif().get(_EXIF_ORIENTATION, 1) == 1
+    except Exception:
+        upright = False
+    return whole and upright and image.mode in ("RGB", "L")
+
+
+def _torchvision_decode(data: bytes) -> np.ndarray:
+    import torch
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as tv_decode
+
+    chw = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    if chw.dtype != torch.uint8:
+        raise ValueError(f"decoded as {chw.dtype}")
+    return chw.permute(1, 2, 0).numpy()  # HWC view of the one copy
+
+
+def _opened(data: bytes, settings: Settings) -> Image.Image:
+    """The image opened lazily (header only), within MAX_IMAGE_BYTES, ALLOWED_IMAGE_FORMATS
+    and MAX_IMAGE_PIXELS."""
     if len(data) > settings.max_image_bytes:
         raise ImageTooLarge(
             f"the image is {_size(len(data))}, over MAX_IMAGE_BYTES ({_size(settings.max_image_bytes)})"
@@ -134,16 +221,7 @@ def decode_image(data: bytes, settings: Settings) -> Image.Image:
                 f"megapixels), over MAX_IMAGE_PIXELS ({settings.max_image_pixels} pixels, "
                 f"{_megapixels(settings.max_image_pixels)} megapixels)"
             )
-        try:
-            _load_strictly(image)
-        except Image.DecompressionBombError as exc:
-            raise ImageTooLarge(_bomb_message(exc, settings.max_image_pixels)) from None
-        except Exception:
-            raise ImageFormatError(
-                f"cannot decode the {fmt} image: truncated or not an image"
-            ) from None
-        _apply_exif_orientation(image)
-        return _to_rgb(image)
+        return image
     except ImageError:
         image.close()
         raise
@@ -336,6 +414,14 @@ class ImageLoader:
         data = self.fetch_bytes(url, task_id)
         try:
             return decode_image(data, self._settings)
+        except ImageError as exc:
+            raise self._scrubbed(exc) from None
+
+    def load_pixels(self, url: str, task_id: int | None = None) -> np.ndarray:
+        """``load``'s image as its HWC uint8 pixels, decoded without a second copy."""
+        data = self.fetch_bytes(url, task_id)
+        try:
+            return decode_pixels(data, self._settings)
         except ImageError as exc:
             raise self._scrubbed(exc) from None
 

@@ -25,6 +25,7 @@ from label_studio_sahi import metrics
 from label_studio_sahi.classifier import Classifier
 from label_studio_sahi.detector import Detector
 from label_studio_sahi.errors import BackendError, ImageTooLarge, ImageURLError
+from label_studio_sahi.images import rgb_pixels
 from label_studio_sahi.labeling import ControlTag, LabelConfig, choices_result, rectangle_result
 from label_studio_sahi.settings import MatchMetric, MergeType, Settings
 from label_studio_sahi.slicing import Detections, merge_detections, slice_windows
@@ -190,13 +191,18 @@ def task_score(result: list[dict[str, Any]]) -> float:
     return min(scores) if scores else 0.0
 
 
-ImageLoaderFn = Callable[[str, int | None], Image.Image]
+# A task's image by URL: decoded (PIL), or as its pixels (ImageLoader.load_pixels).
+ImageLoaderFn = Callable[[str, int | None], Image.Image | np.ndarray]
+
+
+def as_pixels(image: Image.Image | np.ndarray) -> np.ndarray:
+    return image if isinstance(image, np.ndarray) else rgb_pixels(image)
 
 
 @dataclass
 class _Slot:
     lock: threading.Lock = field(default_factory=threading.Lock)
-    image: Image.Image | None = None
+    pixels: np.ndarray | None = None
     error: BackendError | None = None
 
 
@@ -206,29 +212,32 @@ class RequestImages:
     image once the budget is spent, instead of filling memory)."""
 
     def __init__(self, load: ImageLoaderFn, max_pixels: int) -> None:
+        # Pixels, not PIL images, are kept: the decoded image is let go as soon as it is
+        # converted, so a large image is held once, not twice.
         self._load = load
         self._max_pixels = max_pixels
         self._pixels = 0
         self._lock = threading.Lock()
         self._slots: dict[str, _Slot] = {}
 
-    def __call__(self, url: str, task_id: int | None) -> Image.Image:
+    def __call__(self, url: str, task_id: int | None) -> np.ndarray:
         with self._lock:
             slot = self._slots.setdefault(url, _Slot())
         with slot.lock:  # the first task with this URL fetches; the others wait for it
-            if slot.image is None and slot.error is None:
+            if slot.pixels is None and slot.error is None:
                 try:
-                    slot.image = self._charged(self._load(url, task_id))
+                    slot.pixels = as_pixels(self._charged(self._load(url, task_id)))
                 except BackendError as exc:
                     slot.error = exc
             if slot.error is not None:
                 raise slot.error
-            assert slot.image is not None
-            return slot.image
+            assert slot.pixels is not None
+            return slot.pixels
 
-    def _charged(self, image: Image.Image) -> Image.Image:
+    def _charged(self, image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
+        height, width = image.shape[:2] if isinstance(image, np.ndarray) else image.size[::-1]
         with self._lock:
-            self._pixels += image.width * image.height
+            self._pixels += width * height
             spent = self._pixels
         if spent > self._max_pixels:
             raise ImageTooLarge(
@@ -271,7 +280,10 @@ class Predictor:
         return list(self._pool.map(lambda task: self.predict_task(task, config, images), tasks))
 
     def predict_task(
-        self, task: dict[str, Any], config: LabelConfig, load_image: ImageLoaderFn | None = None
+        self,
+        task: dict[str, Any],
+        config: LabelConfig,
+        load_image: ImageLoaderFn | None = None,
     ) -> TaskPrediction:
         timings = Timings()
         load_image = load_image or self.load_image
@@ -298,15 +310,16 @@ class Predictor:
 
     def predict_image(
         self,
-        image: Image.Image,
+        image: Image.Image | np.ndarray,
         config: LabelConfig,
         image_key: str | None = None,
         timings: Timings | None = None,
     ) -> list[dict[str, Any]]:
-        """Label Studio result items for the controls of ``config`` that point at ``image_key``."""
+        """Label Studio result items for the controls of ``config`` that point at ``image_key``
+        (``image``: a PIL image, or its RGB pixels as ``rgb_pixels`` gives them)."""
         timings = timings or Timings()
-        pixels = np.array(image.convert("RGB"))  # writable: torch.from_numpy warns on read-only
-        width, height = image.size
+        pixels = as_pixels(image)
+        height, width = pixels.shape[:2]
         rect_tags = [t for t in config.rectangles if image_key in (None, t.image_key)]
         choice_tags = [t for t in config.choices if image_key in (None, t.image_key)]
         result: list[dict[str, Any]] = []

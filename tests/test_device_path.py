@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from label_studio_sahi.detector import Detector
-from label_studio_sahi.hub import CompiledForward, _takes_device, process_images
+from label_studio_sahi.hub import CompiledForward, process_images, takes_device
 
 
 def failing_backend(graph: Any, example_inputs: Any) -> Any:
@@ -40,7 +40,7 @@ def test_a_forward_the_compiler_cannot_take_runs_eager_with_the_same_outputs(
 
 
 def test_the_processor_on_a_device_is_the_checkpoints_own_processing(detector: Detector) -> None:
-    assert _takes_device(type(detector.processor))  # transformers' torchvision backend
+    assert takes_device(type(detector.processor))  # transformers' torchvision backend
     windows = [
         np.random.default_rng(i).integers(0, 256, (96, 96, 3), dtype=np.uint8) for i in range(3)
     ]
@@ -54,3 +54,15 @@ def test_the_processor_on_a_device_is_the_checkpoints_own_processing(detector: D
     for key in ("pixel_values", "pixel_mask"):
         assert torch.equal(ours[key], plain[key])
         assert torch.equal(on_device[key], plain[key])
+
+
+def test_a_large_image_shrunk_before_the_processor_gives_the_processors_own_pixels(
+    detector: Detector,
+) -> None:
+    # The whole-image pass of a large image: resized on a view first (no full-size copies).
+    big = np.random.default_rng(0).integers(0, 256, (2500, 4000, 3), dtype=np.uint8)
+    assert detector._shrunk(big).shape[:2] == (128, 204)  # what the processor is given
+    ours = detector.preprocess([big])
+    plain = detector.processor(images=[big], return_tensors="pt", input_data_format="channels_last")
+    assert ours["pixel_values"].shape == plain["pixel_values"].shape
+    assert torch.equal(ours["pixel_values"], plain["pixel_values"])

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
+import torch
 from http_origins import (
     LEGACY,
     PAT,
@@ -36,7 +38,13 @@ from label_studio_sahi.errors import (
     ImageUnreachable,
     ImageURLError,
 )
-from label_studio_sahi.images import ImageLoader, decode_image, load_local_image
+from label_studio_sahi.images import (
+    ImageLoader,
+    decode_image,
+    decode_pixels,
+    load_local_image,
+    rgb_pixels,
+)
 
 # --- images ---------------------------------------------------------------------------
 
@@ -457,3 +465,49 @@ def test_error_messages_never_contain_the_token(servers: Servers, tmp_path: Path
                 with pytest.raises(ImageError) as err:
                     loader.load(url, task_id=1 if url.startswith("s3") else None)
                 assert_secret_free(err.value, *servers.state.valid_access)
+
+
+# --- pixels straight from the decoder ------------------------------------------------
+
+
+def encoded(mode: str, fmt: str, size: tuple[int, int] = (97, 61)) -> bytes:
+    rng = np.random.default_rng(0)
+    bands = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    array = rng.integers(0, 256, (size[1], size[0], bands), dtype=np.uint8).squeeze()
+    out = io.BytesIO()
+    Image.fromarray(array, mode).save(out, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(encoded("RGB", "JPEG"), id="jpeg"),
+        pytest.param(encoded("L", "JPEG"), id="grey-jpeg"),
+        pytest.param(encoded("RGB", "PNG"), id="png"),
+        pytest.param(encoded("L", "PNG"), id="grey-png"),
+        pytest.param(encoded("RGBA", "PNG"), id="transparent-png"),  # PIL: onto white
+        pytest.param(jpeg_with_orientation(40, 20, 6), id="rotated-jpeg"),  # PIL: turned
+        pytest.param(gif(), id="gif"),
+    ],
+)
+def test_pixels_decoded_directly_equal_pil_decoding_then_converting(data: bytes) -> None:
+    settings = make_settings()
+    want = rgb_pixels(decode_image(data, settings))
+    got = decode_pixels(data, settings)
+    assert got.dtype == np.uint8 and got.shape == want.shape
+    assert np.array_equal(got, want)
+
+
+def test_a_truncated_jpeg_is_refused_by_the_direct_decoder_too() -> None:
+    data = encoded("RGB", "JPEG", (400, 300))
+    with pytest.raises(ImageFormatError) as err:
+        decode_pixels(data[: len(data) // 2], make_settings())
+    assert "truncated or not an image" in str(err.value)
+
+
+def test_large_images_are_decoded_without_a_second_copy() -> None:
+    # torchvision's one array, not PIL's image beside it (4 bytes a pixel) and a conversion.
+    data = encoded("RGB", "PNG", (300, 200))
+    pixels = decode_pixels(data, make_settings())
+    assert isinstance(pixels.base, torch.Tensor)  # the decoder's own buffer, not a copy
