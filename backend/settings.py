@@ -135,7 +135,8 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="Windows per forward pass; `auto`: 1 on CPU (larger batches only cost "
-        "memory and time there), 8 on CUDA.",
+        "memory and time there), on CUDA as many as half the free memory holds (measured "
+        "once, at most 32).",
     )
 
     # --- limits ---------------------------------------------------------------------------

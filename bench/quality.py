@@ -28,7 +28,7 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,13 +128,23 @@ def acceptance_and_edits(
 
 
 def score(
-    detector: Detector, tag: Any, split: TestSplit, slicing: SliceConfig, threshold: float
+    detector: Detector,
+    tag: Any,
+    split: TestSplit,
+    slicing: SliceConfig,
+    threshold: float,
+    detect: Callable[[np.ndarray], Detections] | None = None,
 ) -> dict[str, float | None]:
-    """Test-split metrics of a detector as served (classes mapped to the project's labels)."""
+    """Test-split metrics of a detector as served (classes mapped to the project's labels);
+    ``detect``: another way to get an image's boxes than ``sliced_detect`` (a variant)."""
     own = list(detector.id2label.values()) == list(tag.labels)
     predictions = []
     for pixels in split.images:
-        found = sliced_detect(detector, pixels, slicing, EVAL_SCORE_THRESHOLD)
+        found = (
+            detect(pixels)
+            if detect is not None
+            else sliced_detect(detector, pixels, slicing, EVAL_SCORE_THRESHOLD)
+        )
         labels = [
             detector.id2label[int(c)] if own else tag.label_for(detector.id2label[int(c)])
             for c in found.labels.tolist()
@@ -399,15 +409,18 @@ def sahi_table(seed: int, labels: int, split: TestSplit, base: Path) -> list[dic
 
 def native_table(split: TestSplit, base: Path, sizes: Sequence[int]) -> list[dict[str, Any]]:
     """The base on the test split with windows smaller than its processor's input (128 px),
-    resized up to it as by default, or fed at their own size (NATIVE_WINDOW_SIZE)."""
-    detector = Detector.load(str(base), device="cpu")
+    resized up to it as by default, or fed at their own size (NATIVE_WINDOW_SIZE); each
+    run by PyTorch and by ONNX Runtime (DETECTOR_ENGINE)."""
     rows = []
-    for size in sizes:
-        for native in (False, True):
-            slicing = SliceConfig(slice_height=size, slice_width=size, native_windows=native)
-            rows.append({"window": size, "native": native,
-                         **score(detector, TAG, split, slicing, 0.3)})  # fmt: skip
-            print(rows[-1], flush=True)
+    for engine in ("torch", "onnxruntime"):
+        detector = Detector.load(str(base), device="cpu", engine=engine)  # type: ignore[arg-type]
+        assert detector.engine == engine, f"{engine} did not load"
+        for size in sizes:
+            for native in (False, True):
+                slicing = SliceConfig(slice_height=size, slice_width=size, native_windows=native)
+                rows.append({"engine": engine, "window": size, "native": native,
+                             **score(detector, TAG, split, slicing, 0.3)})  # fmt: skip
+                print(rows[-1], flush=True)
     return rows
 
 

@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -50,9 +49,9 @@ def make_image(path: Path, megapixels: float) -> tuple[int, int]:
 def serve_one(model: str, device: str, image_dir: Path, name: str) -> dict[str, float]:
     """(in the child) Serve, warm up, then time one /predict of ``name`` and sample memory."""
     import httpx
-    import psutil
 
     from bench.bench_predict import build_detr_r50, serve_folder
+    from bench.memory import PeakRSS
     from label_studio_sahi.models import load_base_bundle
     from label_studio_sahi.server import create_app
     from label_studio_sahi.service import Service
@@ -84,25 +83,12 @@ def serve_one(model: str, device: str, image_dir: Path, name: str) -> dict[str, 
 
     try:
         predict("warmup.jpg")
-        process = psutil.Process()
-        base = process.memory_info().rss
-        peak = base
-        done = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not done.wait(0.02):
-                peak = max(peak, process.memory_info().rss)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        seconds = predict(name)
-        done.set()
-        sampler.join()
+        with PeakRSS() as peak:
+            seconds = predict(name)
     finally:
         stop_uvicorn(live)
         httpd.shutdown()
-    return {"seconds": seconds, "peak_mib": (peak - base) / 2**20, "base_mib": base / 2**20}
+    return {"seconds": seconds, "peak_mib": peak.mib, "base_mib": peak.base / 2**20}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,15 +17,14 @@ import argparse
 import random
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 
 from bench.bench_predict import build_detr_r50
+from bench.memory import PeakRSS
 from label_studio_sahi.detector import Detector
 from label_studio_sahi.predict import SliceConfig, Timings, sliced_detect
 from tests.tiny_models import draw_scene
@@ -33,24 +32,11 @@ from tests.tiny_models import draw_scene
 
 def timed_pass(detector: Detector, pixels: np.ndarray, slicing: SliceConfig) -> tuple[float, float]:
     """(seconds, peak MiB above the start) of one sliced_detect."""
-    process = psutil.Process()
-    base = process.memory_info().rss
-    peak = base
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.wait(0.05):
-            peak = max(peak, process.memory_info().rss)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    sliced_detect(detector, pixels, slicing, 0.5, Timings())
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    return seconds, (peak - base) / 2**20
+    with PeakRSS(every=0.05) as peak:
+        start = time.perf_counter()
+        sliced_detect(detector, pixels, slicing, 0.5, Timings())
+        seconds = time.perf_counter() - start
+    return seconds, peak.mib
 
 
 def main(argv: list[str] | None = None) -> int:

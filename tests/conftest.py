@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import tiny_models
+from fake_studio import FakeStudio
 from http_origins import Servers, running_origins
 from servers import LEGACY_TOKEN
 
@@ -76,6 +77,13 @@ def source_base_dir(request: pytest.FixtureRequest) -> Path:
     from bench.quality_data import train_source_base
 
     return _cached_model(request.config.cache, "source-base", train_source_base)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeStudio]:
+    """A Label Studio stand-in over real HTTP (projects, tasks, uploads, exports)."""
+    with FakeStudio() as studio:
+        yield studio
 
 
 @pytest.fixture(scope="session")

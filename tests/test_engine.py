@@ -124,12 +124,6 @@ def test_a_family_whose_graph_answers_otherwise_stays_on_pytorch(
     assert len(served.detect([scene_pixels()], threshold=0.0)[0]) > 0  # still serves
 
 
-@pytest.fixture
-def fake() -> Any:
-    with FakeStudio() as studio:
-        yield studio
-
-
 def test_the_worker_publishes_the_graph_so_a_swap_loads_it_ready(
     fake: FakeStudio, tmp_path: Path, redis_client: Any
 ) -> None:

@@ -28,12 +28,6 @@ from label_studio_sahi.training.job import JobContext, run_training
 STEPS = 60
 
 
-@pytest.fixture
-def fake() -> Any:
-    with FakeStudio() as studio:
-        yield studio
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_class_layer_of_a_family_gets_the_projects_labels(family: str) -> None:
     model, _ = new_detector(family)

@@ -22,12 +22,6 @@ def _settings(fake: FakeStudio, detector: Path, model_dir: Path, **overrides: An
     return stack_settings(fake, None, detector, model_dir, **overrides)
 
 
-@pytest.fixture
-def fake() -> Any:
-    with FakeStudio() as studio:
-        yield studio
-
-
 def test_fine_tuning_raises_held_out_map_and_publishes_the_version(
     fake: FakeStudio, tmp_path: Path, redis_client: Any
 ) -> None:
