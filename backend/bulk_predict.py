@@ -25,8 +25,8 @@ from label_studio_sahi.queueing import (
     ProgressWriter,
     enqueue_lock,
     enqueue_unique,
-    fetch_job,
     job_redis,
+    job_state,
 )
 from label_studio_sahi.registry import Registry
 from label_studio_sahi.settings import Settings, get_settings
@@ -55,18 +55,7 @@ def enqueue_bulk(
 
 def job_progress(client: redis.Redis, project: str) -> dict[str, Any]:
     """Status and progress of a project's bulk job (for ``GET /bulk-predict/<project>``)."""
-    job = fetch_job(client, names.bulk_job_id(project))
-    if job is None:
-        return {"job": None, "status": "none"}
-    status = job.get_status()
-    answer: dict[str, Any] = {
-        "job": job.id,
-        "status": str(status.value if status else "unknown"),
-        **job.meta,
-    }
-    if status == JobStatus.FINISHED:
-        answer["result"] = job.return_value()
-    return answer
+    return job_state(client, names.bulk_job_id(project))
 
 
 def predict_project(project: str, only_missing: bool = True) -> dict[str, Any]:

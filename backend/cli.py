@@ -145,27 +145,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _url, client, _server = _redis(settings)
     job = TrainingTrigger(client, settings).enqueue(project, reason="command line", delay=0)
-    print(json.dumps({"job": job.id, "status": str(job.get_status())}))
-    return 0
+    print(json.dumps({"job": job.id, "status": str(job.get_status())}), flush=True)
+    if not args.wait:
+        return 0
+    from label_studio_sahi.progress import follow, show_training
+    from label_studio_sahi.queueing import job_state
+
+    state = follow(lambda: job_state(client, job.id), show_training, "training", sys.stdout)
+    print(json.dumps(state), flush=True)  # the outcome: version, decision, metrics
+    return 0 if state["status"] == "finished" else 1
 
 
 def cmd_predict_project(args: argparse.Namespace) -> int:
-    import time
-
     from label_studio_sahi.bulk_predict import enqueue_bulk, job_progress
+    from label_studio_sahi.progress import follow, show_bulk
 
     project = project_id(args.project)
     settings = _settings(args)
     _url, client, _server = _redis(settings)
     job = enqueue_bulk(client, settings, project, only_missing=not args.all)
     print(json.dumps({"job": job.id, "status": str(job.get_status())}), flush=True)
-    while args.wait:
-        progress = job_progress(client, project)
-        print(json.dumps(progress), flush=True)
-        if progress["status"] in ("finished", "failed", "stopped", "canceled"):
-            return 0 if progress["status"] == "finished" else 1
-        time.sleep(2)
-    return 0
+    if not args.wait:
+        return 0
+    state = follow(lambda: job_progress(client, project), show_bulk, "predicting", sys.stdout)
+    print(json.dumps(state), flush=True)
+    return 0 if state["status"] == "finished" else 1
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
@@ -213,6 +217,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from label_studio_sahi.labeling import default_label_config, parse_label_config
     from label_studio_sahi.models import load_base_bundle
     from label_studio_sahi.predict import Predictor
+    from label_studio_sahi.progress import Bar
 
     settings = _settings(args)
     bundle = load_base_bundle(settings)
@@ -228,19 +233,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     lines = args.jsonl or not sys.stdout.isatty()
     failed = 0
     records: list[dict[str, Any]] = []
+    bar = Bar("images", total=len(args.images))  # on stderr, when it is a terminal
     try:
-        for path in args.images:
+        for i, path in enumerate(args.images, 1):
             prediction = predictor.predict_task(
                 {"data": {key: path for key in config.image_keys}}, config
             )
             record = {"image": path, **prediction.to_json()}
             if prediction.error is not None:
                 failed += 1
+            bar.update(i, failed=failed or None)
             if lines:
                 print_records([record], sys.stdout, lines=True)  # each as soon as it is done
             else:
                 records.append(record)
     finally:
+        bar.close()
         predictor.close()
     if not lines:
         print_records(records, sys.stdout, lines=False)
@@ -316,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="queue fine-tuning of a project now")
     train.add_argument("project")
+    train.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the job (stage, step, loss, ETA) until it ends; a bar on a terminal",
+    )
     train.set_defaults(func=cmd_train)
 
     bulk = sub.add_parser("predict-project", help="queue predictions for every task of a project")
@@ -323,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     bulk.add_argument(
         "--all", action="store_true", help="also tasks that have a prediction of the live version"
     )
-    bulk.add_argument("--wait", action="store_true", help="print progress until the job ends")
+    bulk.add_argument(
+        "--wait", action="store_true", help="follow the job until it ends; a bar on a terminal"
+    )
     bulk.set_defaults(func=cmd_predict_project)
 
     versions = sub.add_parser("versions", help="list a project's checkpoint versions")

@@ -186,8 +186,10 @@ class Detector(PretrainedModel):
         """A large image (the whole-image pass) resized by the processor's own ``resize``
         on a view of it, before the processor: the same pixels to the last bit (tested),
         without the full-size tensor copies the processor makes (about 500 MB at 100 MP)."""
-        if image.shape[0] * image.shape[1] <= SHRINK_FIRST_PIXELS or not takes_device(
-            type(self.processor)
+        if (
+            image.shape[0] * image.shape[1] <= SHRINK_FIRST_PIXELS
+            or not getattr(self.processor, "do_resize", False)
+            or not takes_device(type(self.processor))  # transformers' torchvision backend
         ):
             return image
         view = torch.from_numpy(image).permute(2, 0, 1)

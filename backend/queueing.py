@@ -38,6 +38,23 @@ def fetch_job(client: redis.Redis, job_id: str) -> Job | None:
         return None
 
 
+def job_state(client: redis.Redis, job_id: str) -> dict[str, Any]:
+    """A job's status, its progress meta and, once finished, its result (what the CLI
+    prints while waiting and ``GET /bulk-predict/<project>`` answers)."""
+    job = fetch_job(client, job_id)
+    if job is None:
+        return {"job": None, "status": "none"}
+    status = job.get_status()
+    state: dict[str, Any] = {
+        "job": job.id,
+        "status": str(status.value if status else "unknown"),
+        **job.meta,
+    }
+    if status == JobStatus.FINISHED:
+        state["result"] = job.return_value()
+    return state
+
+
 @contextmanager
 def enqueue_lock(client: redis.Redis, job_id: str) -> Iterator[None]:
     """Serialises check-then-enqueue of ``job_id`` across threads and serving processes;
