@@ -213,12 +213,32 @@ class Detector(PretrainedModel):
         decoded = self.processor.post_process_object_detection(
             outputs, threshold=threshold, target_sizes=[input_size(h, w) for h, w in sizes]
         )
+        margins = self.query_margins(outputs.logits).cpu()
         result = []
-        for item, (h, w) in zip(decoded, sizes, strict=True):
+        for i, (item, (h, w)) in enumerate(zip(decoded, sizes, strict=True)):
+            queries = _query_of(item["boxes"].float(), outputs.pred_boxes[i], input_size(h, w))
             boxes = clip_boxes(item["boxes"].float(), width=w, height=h)
-            det = Detections(boxes.cpu(), item["scores"].float().cpu(), item["labels"].long().cpu())
+            det = Detections(
+                boxes.cpu(),
+                item["scores"].float().cpu(),
+                item["labels"].long().cpu(),
+                margins[i][queries],
+            )
             result.append(best_class_per_box(det))
         return result
+
+    def query_margins(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[batch, queries]``: each query's best class probability minus its second best,
+        with the family's own probabilities (DETR: softmax with a no-object class, the
+        others: independent sigmoids)."""
+        if logits.shape[-1] == len(self.id2label) + 1:
+            probs = logits.softmax(-1)[..., :-1]
+        else:
+            probs = logits.sigmoid()
+        if probs.shape[-1] < 2:
+            return probs[..., 0]
+        top = probs.topk(2, dim=-1).values
+        return top[..., 0] - top[..., 1]
 
     def detect(self, images: Sequence[np.ndarray], threshold: float) -> list[Detections]:
         """Run one batched forward pass over ``images`` (HWC uint8 RGB arrays)."""
@@ -228,6 +248,18 @@ class Detector(PretrainedModel):
         return self.postprocess(
             outputs, [(img.shape[0], img.shape[1]) for img in images], threshold
         )
+
+
+def _query_of(boxes: torch.Tensor, pred_boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Which query each decoded box came from: the query whose (cx, cy, w, h) box, scaled
+    to ``size`` as the processor scales it, is nearest (the decoders return no indices)."""
+    if len(boxes) == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    height, width = size
+    cx, cy, bw, bh = pred_boxes.float().cpu().unbind(-1)
+    corners = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1)
+    corners = corners * torch.tensor([width, height, width, height], dtype=corners.dtype)
+    return torch.cdist(boxes.cpu(), corners, p=1).argmin(dim=1)
 
 
 def best_class_per_box(det: Detections) -> Detections:

@@ -28,7 +28,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, SupportsFloat
+from typing import Any, Literal, SupportsFloat, get_args
 from xml.etree.ElementTree import Element, ParseError
 from xml.sax.saxutils import quoteattr
 
@@ -36,6 +36,7 @@ import defusedxml
 import defusedxml.ElementTree as DefusedET
 
 from label_studio_sahi.errors import LabelConfigError
+from label_studio_sahi.settings import TaskScore
 
 __all__ = [
     "ControlTag",
@@ -113,6 +114,7 @@ class LabelConfig:
 
     rectangles: tuple[ControlTag, ...]
     choices: tuple[ControlTag, ...]
+    task_score: str | None = None  # task_score="margin" on any tag: this project's score
 
     @property
     def controls(self) -> tuple[ControlTag, ...]:
@@ -166,6 +168,25 @@ def _parse_threshold(element: Element) -> float | None:
             "expected a number between 0 and 1"
         )
     return value
+
+
+_TASK_SCORES: tuple[str, ...] = get_args(TaskScore)
+
+
+def _parse_task_score(root: Element) -> str | None:
+    """The first ``task_score`` attribute of any tag (the View, a control...), checked."""
+    for element in root.iter():
+        raw = _attr(element, "task_score") if _tag(element) else None
+        if raw is None or not raw.strip():
+            continue
+        value = raw.strip().lower()
+        if value not in _TASK_SCORES:
+            raise LabelConfigError(
+                f"{_describe(element)} has task_score={raw!r}: expected one of "
+                f"{', '.join(_TASK_SCORES)}"
+            )
+        return value
+    return None
 
 
 def _image_keys(root: Element) -> dict[str, str]:
@@ -334,7 +355,9 @@ def _parse(xml: str) -> LabelConfig:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise LabelConfigError(f"control tag names must be unique; repeated: {duplicates}")
-    return LabelConfig(rectangles=tuple(rectangles), choices=tuple(choices))
+    return LabelConfig(
+        rectangles=tuple(rectangles), choices=tuple(choices), task_score=_parse_task_score(root)
+    )
 
 
 # --------------------------------------------------------------------------- building

@@ -1,9 +1,9 @@
 """The prediction pipeline: task -> image -> windows -> detector -> merge -> Label Studio results.
 
-The task score (what Label Studio sorts and filters tasks by) is the confidence of the
-*least* confident thing predicted for the task: the lowest box score or class probability,
-and 0 for a task where nothing was found. Sorting tasks by prediction score ascending
-therefore puts the most uncertain tasks first, which is what an active-learning loop
+Each task also gets a score (what Label Studio sorts and filters tasks by), computed as
+``scores.py`` says: by default the confidence of the *least* confident thing predicted for
+the task, 0 for a task where nothing was found. Sorting tasks by prediction score
+ascending puts the most uncertain tasks first, which is what an active-learning loop
 labels next; a task whose image failed also scores 0, so it is looked at.
 """
 
@@ -16,18 +16,18 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image
 
-from label_studio_sahi import metrics
+from label_studio_sahi import metrics, scores
 from label_studio_sahi.classifier import Classifier
 from label_studio_sahi.detector import Detector
 from label_studio_sahi.errors import BackendError, ImageTooLarge, ImageURLError
 from label_studio_sahi.images import rgb_pixels
 from label_studio_sahi.labeling import ControlTag, LabelConfig, choices_result, rectangle_result
-from label_studio_sahi.settings import MatchMetric, MergeType, Settings
+from label_studio_sahi.settings import MatchMetric, MergeType, Settings, TaskScore
 from label_studio_sahi.slicing import Detections, merge_detections, slice_windows
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,32 @@ def sliced_detect(
     ``full_image_pass`` is on and there is more than one window, so that large objects cut
     by every window are still found.
     """
+    windows, whole = sliced_passes(detector, image, slicing, threshold, timings)
+    return merge_passes([*windows, *whole], slicing, timings)
+
+
+def merge_passes(
+    parts: list[Detections], slicing: SliceConfig, timings: Timings | None = None
+) -> Detections:
+    with (timings or Timings()).stage("merge"):
+        return merge_detections(
+            Detections.cat(parts),
+            slicing.merge_type,
+            slicing.merge_metric,
+            slicing.merge_threshold,
+            slicing.class_agnostic,
+        )
+
+
+def sliced_passes(
+    detector: Detector,
+    image: np.ndarray,
+    slicing: SliceConfig,
+    threshold: float,
+    timings: Timings | None = None,
+) -> tuple[list[Detections], list[Detections]]:
+    """``sliced_detect``'s detections before merging: the windows' (in image pixels) and
+    the whole-image pass's (empty when there is none)."""
     timings = timings or Timings()
     height, width = image.shape[:2]
     with timings.stage("slice"):
@@ -135,16 +161,10 @@ def sliced_detect(
                 strict=True,
             )
         )
+    whole: list[Detections] = []
     if slicing.full_image_pass and len(windows) > 1:
-        parts.extend(_detect(detector, [image], threshold, timings))
-    with timings.stage("merge"):
-        return merge_detections(
-            Detections.cat(parts),
-            slicing.merge_type,
-            slicing.merge_metric,
-            slicing.merge_threshold,
-            slicing.class_agnostic,
-        )
+        whole = _detect(detector, [image], threshold, timings)
+    return parts, whole
 
 
 def _detect(
@@ -185,10 +205,18 @@ class TaskPrediction:
         return body
 
 
-def task_score(result: list[dict[str, Any]]) -> float:
-    """The least confident item's score; 0 when nothing was predicted (see module docstring)."""
-    scores = [float(item["score"]) for item in result if "score" in item]
-    return min(scores) if scores else 0.0
+@dataclass
+class ScoreInputs:
+    """What a task's score is computed from (scores.py): each suggested item's score and
+    margin, and each image's agreement between its whole-image and sliced passes."""
+
+    scores: list[float] = field(default_factory=list)
+    margins: list[float] = field(default_factory=list)
+    agreements: list[float] = field(default_factory=list)
+
+    def score(self, method: TaskScore) -> float:
+        agreement = min(self.agreements) if self.agreements else None
+        return scores.task_score(method, self.scores, self.margins, agreement)
 
 
 # A task's image by URL: decoded (PIL), or as its pixels (ImageLoader.load_pixels).
@@ -293,20 +321,29 @@ class Predictor:
             if not isinstance(data, dict):
                 raise ImageURLError("task has no 'data' object")
             result: list[dict[str, Any]] = []
+            inputs = ScoreInputs()
             for key in config.image_keys:
                 url = data.get(key)
                 if not isinstance(url, str) or not url:
                     raise ImageURLError(f"task data has no image URL under '{key}'")
                 with timings.stage("fetch"):
                     image = load_image(url, task_id)
-                result.extend(self.predict_image(image, config, key, timings))
+                result.extend(self.predict_image(image, config, key, timings, inputs))
         except BackendError as exc:
             metrics.TASK_ERRORS.labels(error=exc.code).inc()
             log.warning("task_failed task=%s error=%s detail=%s", task_id, exc.code, exc.message)
             return TaskPrediction([], 0.0, self.bundle.version, exc, timings.seconds)
         return TaskPrediction(
-            result, task_score(result), self.bundle.version, None, timings.seconds
+            result,
+            inputs.score(self.score_method(config)),
+            self.bundle.version,
+            None,
+            timings.seconds,
         )
+
+    def score_method(self, config: LabelConfig) -> TaskScore:
+        """The project's task score: its labeling config's task_score, else TASK_SCORE."""
+        return cast(TaskScore, config.task_score or self.settings.task_score)
 
     def predict_image(
         self,
@@ -314,10 +351,12 @@ class Predictor:
         config: LabelConfig,
         image_key: str | None = None,
         timings: Timings | None = None,
+        inputs: ScoreInputs | None = None,
     ) -> list[dict[str, Any]]:
         """Label Studio result items for the controls of ``config`` that point at ``image_key``
         (``image``: a PIL image, or its RGB pixels as ``rgb_pixels`` gives them)."""
         timings = timings or Timings()
+        inputs = inputs if inputs is not None else ScoreInputs()
         pixels = as_pixels(image)
         height, width = pixels.shape[:2]
         rect_tags = [t for t in config.rectangles if image_key in (None, t.image_key)]
@@ -328,18 +367,34 @@ class Predictor:
                 [self.settings.score_threshold]
                 + [t.score_threshold for t in rect_tags if t.score_threshold is not None]
             )
-            dets = sliced_detect(self.bundle.detector, pixels, self.slicing, threshold, timings)
-            result.extend(self._boxes(dets, rect_tags, width, height))
+            windows, whole = sliced_passes(
+                self.bundle.detector, pixels, self.slicing, threshold, timings
+            )
+            dets = merge_passes([*windows, *whole], self.slicing, timings)
+            if whole and self.score_method(config) == "disagreement":
+                sliced = merge_passes(windows, self.slicing)
+                inputs.agreements.append(
+                    scores.agreement(
+                        sliced.select(sliced.scores >= self.settings.score_threshold),
+                        whole[0].select(whole[0].scores >= self.settings.score_threshold),
+                    )
+                )
+            result.extend(self._boxes(dets, rect_tags, width, height, inputs))
         if choice_tags and self.bundle.classifier is not None:
             with timings.stage("classifier"):
                 ranked = self.bundle.classifier.classify(
                     [pixels], top_k=len(self.bundle.classifier.id2label)
                 )[0]
-            result.extend(self._choices(ranked, choice_tags))
+            result.extend(self._choices(ranked, choice_tags, inputs))
         return result
 
     def _boxes(
-        self, dets: Detections, tags: list[ControlTag], width: int, height: int
+        self,
+        dets: Detections,
+        tags: list[ControlTag],
+        width: int,
+        height: int,
+        inputs: ScoreInputs,
     ) -> list[dict[str, Any]]:
         assert self.bundle.detector is not None
         names = self.bundle.detector.id2label
@@ -350,12 +405,19 @@ class Predictor:
                 if tag.score_threshold is not None
                 else self.settings.score_threshold
             )
-            for box, score, label_id in zip(
-                dets.boxes.tolist(), dets.scores.tolist(), dets.labels.tolist(), strict=True
+            margins = dets.margins.tolist() if dets.margins is not None else dets.scores.tolist()
+            for box, score, label_id, margin in zip(
+                dets.boxes.tolist(),
+                dets.scores.tolist(),
+                dets.labels.tolist(),
+                margins,
+                strict=True,
             ):
                 label = tag.label_for(names.get(int(label_id), str(label_id)))
                 if label is None or score < threshold or box[2] <= box[0] or box[3] <= box[1]:
                     continue
+                inputs.scores.append(score)
+                inputs.margins.append(margin)
                 out.append(
                     rectangle_result(
                         tag, (box[0], box[1], box[2], box[3]), label, score, width, height
@@ -364,7 +426,7 @@ class Predictor:
         return out
 
     def _choices(
-        self, ranked: list[tuple[str, float]], tags: list[ControlTag]
+        self, ranked: list[tuple[str, float]], tags: list[ControlTag], inputs: ScoreInputs
     ) -> list[dict[str, Any]]:
         out = []
         for tag in tags:
@@ -383,4 +445,9 @@ class Predictor:
                     break
             if picked:
                 out.append(choices_result(tag, [p[0] for p in picked], min(p[1] for p in picked)))
+                inputs.scores.append(min(p[1] for p in picked))
+                # The classifier's own margin: its best class over its second best.
+                inputs.margins.append(
+                    ranked[0][1] - ranked[1][1] if len(ranked) > 1 else ranked[0][1]
+                )
         return out

@@ -25,6 +25,8 @@ MatchMetric = Literal["IOU", "IOS"]
 # What runs the detector's forward pass (engine.py): `auto` is ONNX Runtime on a CPU and
 # PyTorch on CUDA.
 Engine = Literal["auto", "torch", "onnxruntime"]
+# What a task's prediction score measures (scores.py says how each is computed).
+TaskScore = Literal["least_confidence", "margin", "mean_confidence", "disagreement"]
 
 
 class Settings(BaseSettings):
@@ -104,6 +106,11 @@ class Settings(BaseSettings):
         ge=0,
         le=1,
         description="Drop boxes below this score (a tag's model_score_threshold wins).",
+    )
+    task_score: TaskScore = Field(
+        "least_confidence",
+        description="What a task's prediction score measures: `least_confidence`, `margin`, "
+        "`mean_confidence` or `disagreement` (a labeling config's task_score attribute wins).",
     )
     classifier_top_k: int = Field(
         1, ge=1, description="Choices suggested for multiple-choice tags."

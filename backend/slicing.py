@@ -29,11 +29,14 @@ AUTO_NO_SLICE_BELOW = 1024
 
 @dataclass(frozen=True)
 class Detections:
-    """Boxes ``[N, 4]`` (x1, y1, x2, y2 float), scores ``[N]`` and labels ``[N]`` (int64)."""
+    """Boxes ``[N, 4]`` (x1, y1, x2, y2 float), scores ``[N]`` and labels ``[N]`` (int64);
+    ``margins`` ``[N]``, when the detector gives them: the box's best class probability
+    minus its second best (the margin task score)."""
 
     boxes: torch.Tensor
     scores: torch.Tensor
     labels: torch.Tensor
+    margins: torch.Tensor | None = None
 
     @staticmethod
     def empty(device: torch.device | str = "cpu") -> Detections:
@@ -47,24 +50,30 @@ class Detections:
     def cat(parts: list[Detections]) -> Detections:
         if not parts:
             return Detections.empty()
+        margins = [p.margins for p in parts]
         return Detections(
             torch.cat([p.boxes.float() for p in parts]),
             torch.cat([p.scores.float() for p in parts]),
             torch.cat([p.labels for p in parts]),
+            None if any(m is None for m in margins) else torch.cat(margins),  # type: ignore[arg-type]
         )
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
     def to(self, device: torch.device | str) -> Detections:
-        return Detections(self.boxes.to(device), self.scores.to(device), self.labels.to(device))
+        margins = None if self.margins is None else self.margins.to(device)
+        return Detections(
+            self.boxes.to(device), self.scores.to(device), self.labels.to(device), margins
+        )
 
     def select(self, index: torch.Tensor) -> Detections:
-        return Detections(self.boxes[index], self.scores[index], self.labels[index])
+        margins = None if self.margins is None else self.margins[index]
+        return Detections(self.boxes[index], self.scores[index], self.labels[index], margins)
 
     def shifted(self, dx: int, dy: int) -> Detections:
         offset = torch.tensor([dx, dy, dx, dy], dtype=self.boxes.dtype, device=self.boxes.device)
-        return Detections(self.boxes + offset, self.scores, self.labels)
+        return Detections(self.boxes + offset, self.scores, self.labels, self.margins)
 
 
 def _axis_starts(length: int, size: int, overlap: int) -> list[int]:
@@ -286,11 +295,14 @@ def merge_detections(
         else _transitive_groups(matches, order, det)
     )
     boxes, scores, labels = det.boxes.tolist(), det.scores.tolist(), det.labels.tolist()
+    margins = det.margins.tolist() if det.margins is not None else [0.0] * len(scores)
     out_boxes: list[list[float]] = []
     out_scores: list[float] = []
     out_labels: list[int] = []
+    out_margins: list[float] = []
     for keeper, members in groups.items():
         box, score, label = boxes[keeper], scores[keeper], labels[keeper]
+        margin = margins[keeper]
         for m in members:
             if _overlap(box, boxes[m], metric) > threshold:
                 box = [
@@ -299,15 +311,18 @@ def merge_detections(
                     max(box[2], boxes[m][2]),
                     max(box[3], boxes[m][3]),
                 ]
-                label = label if score > scores[m] else labels[m]
+                if score <= scores[m]:  # the label (and its margin) of the surer box
+                    label, margin = labels[m], margins[m]
                 score = max(score, scores[m])
         out_boxes.append(box)
         out_scores.append(score)
         out_labels.append(label)
+        out_margins.append(margin)
     merged = Detections(
         torch.tensor(out_boxes, dtype=torch.float32).reshape(-1, 4),
         torch.tensor(out_scores, dtype=torch.float32),
         torch.tensor(out_labels, dtype=torch.int64),
+        torch.tensor(out_margins, dtype=torch.float32) if det.margins is not None else None,
     )
     return merged.select(torch.argsort(merged.scores, descending=True, stable=True))
 

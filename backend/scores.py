@@ -1,0 +1,70 @@
+"""Task scores: the one number per task that Label Studio sorts and filters tasks by.
+
+Every score is a confidence: higher means the models are surer of the task, 0 means
+nothing was found or the image failed. Sorting the data manager by *Prediction score*
+ascending therefore puts the tasks most worth labelling first, whichever score is chosen
+(``TASK_SCORE``, or ``task_score="..."`` on any tag of a project's labeling config):
+
+* ``least_confidence``: the score of the least confident box or class suggested. One
+  doubtful box makes the task doubtful.
+* ``margin``: the smallest gap, over the boxes and class suggestions, between the best
+  class probability and the second best. A small gap is a model torn between two
+  labels (a truck or a car?), even when both are likely.
+* ``mean_confidence``: the mean score of everything suggested: the task as a whole.
+* ``disagreement``: how much the whole-image pass and the sliced pass agree, 2 x matched
+  boxes / (boxes of one + boxes of the other), boxes matched one to one with the same
+  label at IoU >= 0.5; 1 when both find nothing. A sliced backend sees every image twice,
+  at two scales: where the two views disagree, the model is unsure of what it sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import get_args
+
+import torch
+from torchvision.ops import box_iou
+
+from label_studio_sahi.settings import TaskScore
+from label_studio_sahi.slicing import Detections
+
+TASK_SCORES: tuple[str, ...] = get_args(TaskScore)
+MATCH_IOU = 0.5
+
+
+def task_score(
+    method: TaskScore,
+    scores: Sequence[float],
+    margins: Sequence[float],
+    agreement: float | None = None,
+) -> float:
+    """The task's score by ``method`` from its items' scores and margins (one each per box
+    and class suggestion) and, for ``disagreement``, the two passes' agreement."""
+    if method == "disagreement":
+        return 1.0 if agreement is None else agreement
+    values = list(margins if method == "margin" else scores)
+    if not values:
+        return 0.0
+    if method == "mean_confidence":
+        return sum(values) / len(values)
+    return min(values)
+
+
+def agreement(a: Detections, b: Detections) -> float:
+    """2 x one-to-one matches (same label, IoU >= MATCH_IOU, surest first) / (|a| + |b|)."""
+    if len(a) + len(b) == 0:
+        return 1.0
+    if len(a) == 0 or len(b) == 0:
+        return 0.0
+    iou = box_iou(a.boxes.float(), b.boxes.float())
+    iou[a.labels[:, None] != b.labels[None, :]] = 0
+    taken = torch.zeros(len(b), dtype=torch.bool)
+    matched = 0
+    for i in torch.argsort(a.scores, descending=True).tolist():
+        row = iou[i].clone()
+        row[taken] = 0
+        j = int(row.argmax())
+        if row[j] >= MATCH_IOU:
+            taken[j] = True
+            matched += 1
+    return 2 * matched / (len(a) + len(b))
