@@ -43,6 +43,13 @@ class BadRequest(BackendError):
     code = "bad_request"
 
 
+class NotFound(BackendError):
+    """A project's version (or its file) that does not exist."""
+
+    status = 404
+    code = "not_found"
+
+
 class RequestTooLarge(BadRequest):
     """The request body or its batch of tasks is above MAX_REQUEST_BYTES / MAX_TASKS_PER_REQUEST."""
 

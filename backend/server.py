@@ -1,7 +1,8 @@
 """HTTP routes of Label Studio's ML backend contract; thin: parsing, errors, metrics.
 
 Routes: ``GET /`` and ``/health``, ``POST /setup``, ``POST /predict``, ``POST /webhook``,
-``POST /bulk-predict``, ``GET /bulk-predict/{project}``, ``GET /versions``, ``GET /metrics``.
+``POST /bulk-predict``, ``GET /bulk-predict/{project}``, ``GET /versions``, ``GET /metrics``;
+the curators' page, ``/ui/{project}``, is ``ui.py``'s.
 Every error is a :class:`BackendError` answered as JSON ``{"error", "detail", "status_code"}``
 with a 4xx/5xx status; one bad task never fails the batch.
 
@@ -29,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from label_studio_sahi import __version__, metrics
+from label_studio_sahi import __version__, metrics, ui
 from label_studio_sahi.auth import Credentials, credentials
 from label_studio_sahi.bulk_predict import enqueue_bulk, job_progress
 from label_studio_sahi.errors import (
@@ -112,6 +113,7 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     app.exception_handler(redis.RedisError)(_redis_error)
     app.exception_handler(Exception)(_unexpected_error)
     app.include_router(router)
+    app.include_router(ui.router)  # the curators' page
     return app
 
 
