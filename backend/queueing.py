@@ -52,6 +52,9 @@ def job_state(client: redis.Redis, job_id: str) -> dict[str, Any]:
     }
     if status == JobStatus.FINISHED:
         state["result"] = job.return_value()
+    elif status == JobStatus.FAILED and job.exc_info:
+        # The exception's last line (its type and message), not the whole traceback.
+        state["error"] = job.exc_info.strip().splitlines()[-1][:500]
     return state
 
 
