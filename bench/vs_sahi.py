@@ -132,8 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         # batches them, inputs made beforehand (on the device).
         auto = replace(cfg, window_batch_size=torch_det.window_batch())
         contenders["model forward only"] = lambda: time_forward(torch_det, pixels, auto)
+        # sahi runs a transformers model as given and feeds it float32: on CUDA it gets its
+        # own float32 copy (ours serves in float16), as sahi's users run it.
+        sahi_det = (
+            torch_det
+            if on_cpu
+            else Detector.load(str(folder), device=args.device, half_precision=False)
+        )
         for batch in args.sahi_batches:
-            model = sahi_model(torch_det, base.score_threshold)
+            model = sahi_model(sahi_det, base.score_threshold)
 
             def run_sahi(model: object = model, batch: int = batch) -> float:
                 start = time.perf_counter()
