@@ -125,7 +125,7 @@ def render(service: Service, project: str) -> str:
     )
     rows = "".join(_version_row(project, v, live) for v in versions)
     curves = "".join(
-        f'<figure><img src="/ui/{project}/{html.escape(v.name)}/curves.png" alt="loss curves of '
+        f'<figure><img src="/ui/{project}/{html.escape(v.name)}/{names.CURVES_FILE}" alt="loss curves of '
         f'{html.escape(v.name)}"><figcaption>{html.escape(v.name)}</figcaption></figure>'
         for v in versions[:4]
         if (v.path / names.CURVES_FILE).is_file()
@@ -151,7 +151,7 @@ async def page(request: Request, project: str) -> HTMLResponse:
     return HTMLResponse(await anyio.to_thread.run_sync(render, service, pid))
 
 
-@router.get("/ui/{project}/{version}/curves.png")
+@router.get(f"/ui/{{project}}/{{version}}/{names.CURVES_FILE}")
 async def curves(request: Request, project: str, version: str) -> FileResponse:
     try:
         found = _service(request).registry.get(project_id(project), version)

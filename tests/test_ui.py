@@ -26,6 +26,7 @@ from label_studio_sahi.redis_server import connect
 from label_studio_sahi.registry import Registry
 from label_studio_sahi.server import create_app
 from label_studio_sahi.service import Service
+from label_studio_sahi.training.job import _plot_curves
 from label_studio_sahi.trigger import TrainingTrigger
 
 pytestmark = pytest.mark.skipif(chromium() is None, reason="no chromium (apt-get install chromium)")
@@ -40,6 +41,8 @@ CONFIG = (
 def checkpoint(source: Path, metrics: dict[str, float], tasks: int) -> Any:
     def write(folder: Path) -> None:
         shutil.copytree(source, folder / names.DETECTOR_DIR)
+        loss = [2.0 / (1 + step / 20) for step in range(200)]  # as the job plots its own
+        _plot_curves({"detector": loss}, folder / names.CURVES_FILE)
 
     meta = {
         names.META_STATUS: "accepted",
@@ -143,3 +146,16 @@ def test_the_page_and_its_actions_need_the_login(
         assert ok.status_code == 200 and "Versions" in ok.text
     finally:
         stop_uvicorn(guarded)
+
+
+def test_the_loss_curves_of_a_version_are_served_and_a_missing_one_is_a_404(
+    backend: tuple[LiveServer, Registry, Path],
+) -> None:
+    live, _, _ = backend
+    page = httpx.get(f"{live.url}/ui/{PROJECT}").text
+    assert f'src="/ui/{PROJECT}/v1/{names.CURVES_FILE}"' in page
+    image = httpx.get(f"{live.url}/ui/{PROJECT}/v1/{names.CURVES_FILE}")
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    assert image.content.startswith(b"\x89PNG")
+    missing = httpx.get(f"{live.url}/ui/{PROJECT}/v9/{names.CURVES_FILE}")
+    assert missing.status_code == 404 and "no version v9" in missing.json()["detail"]
