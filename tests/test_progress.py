@@ -132,6 +132,9 @@ def test_train_wait_draws_stage_step_loss_and_eta_on_a_terminal(
 ) -> None:
     code, out, terminal = training_run(fake, tmp_path, redis_url, stderr_on_terminal=True)
     assert code == 0, terminal[-2000:]
-    assert "training detector" in terminal and "loss=" in terminal and "eta=" in terminal
+    # The stage, step of steps, loss and ETA. Polled once a second, a 60-step training stage
+    # can pass unseen on a loaded machine; the evaluation after it still shows its last step.
+    assert "training detector" in terminal or "evaluating" in terminal, terminal
+    assert "/60" in terminal and "loss=" in terminal and "eta=" in terminal, terminal
     lines = out.splitlines()  # stdout: the job id, then the outcome; no per-poll lines
     assert len(lines) == 2 and json.loads(lines[-1])["status"] == "finished"
