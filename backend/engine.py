@@ -109,6 +109,12 @@ class OnnxRunner:
 
     session: Any
     origin: str  # "file" (published beside the weights) or "export" (made at load)
+    # The graph's inputs, read once: a family that ignores the mask (RT-DETR) has no
+    # pixel_mask input once traced.
+    inputs: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        self.inputs = frozenset(i.name for i in self.session.get_inputs())
 
     @classmethod
     def from_bytes(cls, data: bytes, origin: str, threads: int | None = None) -> OnnxRunner:
@@ -128,9 +134,7 @@ class OnnxRunner:
         if mask is None:
             mask = torch.ones(pixels.shape[0], *pixels.shape[2:], dtype=torch.long)
         feed = {"pixel_values": pixels.float().numpy(), "pixel_mask": mask.to(torch.long).numpy()}
-        # A family that ignores the mask (RT-DETR) has no such input once traced.
-        names = {i.name for i in self.session.get_inputs()}
-        logits, boxes = self.session.run(None, {k: v for k, v in feed.items() if k in names})
+        logits, boxes = self.session.run(None, {k: v for k, v in feed.items() if k in self.inputs})
         return SimpleNamespace(logits=torch.from_numpy(logits), pred_boxes=torch.from_numpy(boxes))
 
 
