@@ -5,12 +5,14 @@ nothing was found or the image failed. Sorting the data manager by *Prediction s
 ascending therefore puts the tasks most worth labelling first, whichever score is chosen
 (``TASK_SCORE``, or ``task_score="..."`` on any tag of a project's labeling config):
 
+* ``mean_confidence`` (the default): the mean score of everything suggested: the task as
+  a whole. On the learning benchmark its order follows the live model's errors best.
 * ``least_confidence``: the score of the least confident box or class suggested. One
-  doubtful box makes the task doubtful.
+  doubtful box makes the task doubtful; but on a task with a few boxes it sits just above
+  the serving threshold, whatever the task, so it ranks poorly there.
 * ``margin``: the smallest gap, over the boxes and class suggestions, between the best
   class probability and the second best. A small gap is a model torn between two
   labels (a truck or a car?), even when both are likely.
-* ``mean_confidence``: the mean score of everything suggested: the task as a whole.
 * ``disagreement``: how much the whole-image pass and the sliced pass agree, 2 x matched
   boxes / (boxes of one + boxes of the other), boxes matched one to one with the same
   label at IoU >= 0.5; 1 when both find nothing. A sliced backend sees every image twice,

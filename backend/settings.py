@@ -108,9 +108,10 @@ class Settings(BaseSettings):
         description="Drop boxes below this score (a tag's model_score_threshold wins).",
     )
     task_score: TaskScore = Field(
-        "least_confidence",
-        description="What a task's prediction score measures: `least_confidence`, `margin`, "
-        "`mean_confidence` or `disagreement` (a labeling config's task_score attribute wins).",
+        "mean_confidence",
+        description="What a task's prediction score measures: `mean_confidence`, "
+        "`least_confidence`, `margin` or `disagreement` (a labeling config's task_score "
+        "attribute wins).",
     )
     classifier_top_k: int = Field(
         1, ge=1, description="Choices suggested for multiple-choice tags."

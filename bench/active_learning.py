@@ -1,6 +1,8 @@
-"""Is the task score worth sorting by? Its rank correlation with the live model's error.
+"""Is the task score worth sorting by? Its rank correlation with the live model's error,
+and an active-learning simulation through the real job.
 
     python -m bench.active_learning --tasks 40 --finetuned 10
+    python -m bench.active_learning --simulate --seeds 0 1 --jobs 2
 
 An active-learning loop labels the tasks Label Studio lists first when sorted by
 prediction score ascending, so a score is worth sorting by when a low score marks a task
@@ -12,17 +14,29 @@ Spearman's rank correlation between each score's *uncertainty* (1 - score) and t
 error (1 - F1 of its boxes at the serving threshold: misses and wrong boxes alike, IoU >=
 0.5 with the right label). Positive: the score puts the model's mistakes first.
 
-Not measured here: labels needed to reach random order's final mAP (rounds through the
-real job per score), which needs hours of this CPU.
+``--simulate``: per seed, a project of ``--pool`` tasks is labelled round by round
+(``--rounds``, cumulative labels) through the real job (``bench.quality.run_seed``: export,
+windows, fine-tune, gate, publish), in the order each score proposes or at random. Each
+round the live models predict the unlabelled tasks as served, and the tasks Label Studio
+lists first when sorted by prediction score ascending are labelled; random order draws
+them (seeded). After each round the live model is scored on the learning benchmark's fixed
+test split. Prints the rows, the median curve per order and, per score, the labels it
+needs to reach random order's final test mAP@.5, as a share of the labels random order
+needed to get there; plots test mAP@.5 against labels.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import statistics
 import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
+from typing import Any, cast, get_args
 
 import numpy as np
 import torch
@@ -64,11 +78,166 @@ def f1_error(result: list[dict], truth: tuple[list, list], width: int, height: i
     return 1 - 2 * len(taken) / (len(pred) + len(boxes))
 
 
+@dataclass(frozen=True)
+class ScoreOrder:
+    """Label Studio's order with the data manager sorted by prediction score ascending: the
+    live models predict each unlabelled task as served, with ``method`` as the task score;
+    the lowest scores first, ties in task order."""
+
+    method: TaskScore
+
+    def __call__(
+        self,
+        bundle: ModelBundle,
+        settings: Settings,
+        scenes: list[data.Scene],
+        unlabelled: list[int],
+        count: int,
+    ) -> list[int]:
+        served = settings.model_copy(update={"task_score": self.method})
+        predictor = Predictor(bundle, served, lambda url, _t: np.array(scenes[int(url)].image))
+        config = parse_label_config(data.LABEL_CONFIG)
+        scored = []
+        try:
+            for i in unlabelled:
+                inputs = ScoreInputs()
+                predictor.predict_image(np.array(scenes[i].image), config, "image", None, inputs)
+                scored.append((inputs.score(self.method), i))
+        finally:
+            predictor.close()
+        return [i for _, i in sorted(scored)[:count]]
+
+
+@dataclass(frozen=True)
+class RandomOrder:
+    """Tasks drawn at random (seeded by the seed and the round)."""
+
+    seed: int
+
+    def __call__(
+        self,
+        bundle: ModelBundle,
+        settings: Settings,
+        scenes: list[data.Scene],
+        unlabelled: list[int],
+        count: int,
+    ) -> list[int]:
+        return random.Random(self.seed * 100_003 + len(unlabelled)).sample(unlabelled, count)
+
+
+def order(strategy: str, seed: int) -> quality.Chooser:
+    return RandomOrder(seed) if strategy == "random" else ScoreOrder(cast(TaskScore, strategy))
+
+
+def labels_to_reach(curve: list[dict[str, Any]], target: float) -> int | None:
+    """The fewest labels after which the live model's test mAP@.5 is at least ``target``."""
+    return next((r["labels"] for r in curve if r["map_50"] >= target - 1e-9), None)
+
+
+def simulate(args: argparse.Namespace) -> int:
+    strategies = ["random", *args.orders]
+    rounds = sorted(args.rounds)
+    assert rounds[-1] <= args.pool, "the last round cannot label more than the pool"
+    overrides: dict[str, Any] = {
+        "train_steps": args.max_steps,
+        "train_min_steps": min(args.max_steps, 200),  # 200: the setting's default
+    }
+    split = quality.test_split(args.test_images)
+    base = quality.COMMITTED_BASE
+    served = Settings(_env_file=None, slice_height=quality.SLICE, slice_width=quality.SLICE)  # type: ignore[call-arg]
+    base_score = quality.score(Detector.load(str(base), device="cpu"), quality.TAG, split,
+                               SliceConfig.from_settings(served), served.score_threshold)  # fmt: skip
+    plan = [(strategy, seed) for seed in args.seeds for strategy in strategies]
+    started = time.monotonic()
+    rows: list[dict[str, Any]] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="ls-sahi-al-sim-") as tmp,
+        ProcessPoolExecutor(args.jobs) as pool,
+    ):
+        runs = [
+            pool.submit(quality.run_seed, seed, rounds, split, base, Path(tmp) / f"{strategy}-{seed}",
+                        overrides, base_score, args.pool, order(strategy, seed))
+            for strategy, seed in plan
+        ]  # fmt: skip
+        for (strategy, _), run in zip(plan, runs, strict=True):
+            rows += [{"order": strategy, **row} for row in run.result()]
+            print(f"{strategy}: done", flush=True)
+    print(f"simulation wall time {time.monotonic() - started:.0f} s\n")
+    print("| order | seed | labels | status | version | map | map_50 | accept | edit |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['order']} | {r['seed']} | {r['labels']} | {r['status']} | {r['version']} "
+              f"| {r['map']:.3f} | {r['map_50']:.3f} | {r['accept']:.3f} | {r['edit']:.1f} |")  # fmt: skip
+    curves = {(r["order"], r["seed"]): [] for r in rows}  # type: dict[tuple[str, int], list]
+    for r in rows:
+        curves[r["order"], r["seed"]].append(r)
+    print("\nLabels to reach random order's final test mAP@.5 (per seed), and their share of "
+          "the labels random order needed:\n")  # fmt: skip
+    print("| order | " + " | ".join(f"seed {s}" for s in args.seeds) + " | median share |")
+    print("|---|" + "---|" * (len(args.seeds) + 1))
+    for strategy in strategies:
+        cells, shares = [], []
+        for seed in args.seeds:
+            target = curves["random", seed][-1]["map_50"]
+            need_random = labels_to_reach(curves["random", seed], target)
+            need = labels_to_reach(curves[strategy, seed], target)
+            share = None if need is None or not need_random else need / need_random
+            shares.append(share if share is not None else float("inf"))
+            cells.append(f"{need if need is not None else 'not reached'} of {need_random}"
+                         f" ({'-' if share is None else f'{share:.0%}'})")  # fmt: skip
+        median = statistics.median(shares)
+        print(f"| {strategy} | " + " | ".join(cells) + f" | {median:.0%} |"
+              if median != float("inf") else f"| {strategy} | " + " | ".join(cells) + " | - |")  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "simulation.json").write_text(json.dumps(rows, indent=2, default=str))
+    plot(rows, strategies, args.seeds, args.out / "active_learning.png")
+    print(f"\nwrote {args.out / 'simulation.json'} and {args.out / 'active_learning.png'}")
+    return 0
+
+
+def plot(rows: list[dict[str, Any]], strategies: list[str], seeds: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=100)
+    for strategy in strategies:
+        mine = [r for r in rows if r["order"] == strategy]
+        xs = sorted({r["labels"] for r in mine})
+        ys = [statistics.median(r["map_50"] for r in mine if r["labels"] == n) for n in xs]
+        style = {"color": "black", "linestyle": "--"} if strategy == "random" else {}
+        ax.plot(xs, ys, marker="o", label=strategy, **style)  # type: ignore[arg-type]
+    ax.set_xlabel("labelled images")
+    ax.set_ylabel(f"test mAP@.5 (median of {len(seeds)} seeds)")
+    ax.set_title("Active learning: labelling order through the real job")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=40, help="tasks in the unlabelled pool")
     parser.add_argument("--finetuned", type=int, metavar="LABELS", default=0)
+    parser.add_argument("--simulate", action="store_true",
+                        help="instead: label rounds in each score's order vs at random")  # fmt: skip
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--pool", type=int, default=24, help="tasks in each seed's project")
+    parser.add_argument("--rounds", type=int, nargs="+", default=[4, 8, 12, 16, 20])
+    parser.add_argument("--orders", nargs="+", default=list(get_args(TaskScore)),
+                        choices=get_args(TaskScore), help="the scores compared with random")  # fmt: skip
+    parser.add_argument("--test-images", type=int, default=8)
+    parser.add_argument("--max-steps", type=int, default=600, help="TRAIN_STEPS per job")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once, one core each")
+    parser.add_argument("--out", type=Path,
+                        default=quality.ROOT / "bench" / "results" / "active_learning")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.simulate:
+        torch.set_num_threads(1)
+        return simulate(args)
 
     model = quality.COMMITTED_BASE
     if args.finetuned:

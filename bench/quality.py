@@ -42,7 +42,7 @@ from bench import quality_data as data
 from label_studio_sahi.detector import Detector
 from label_studio_sahi.labeling import parse_label_config
 from label_studio_sahi.models import project_bundle
-from label_studio_sahi.predict import SliceConfig, sliced_detect
+from label_studio_sahi.predict import ModelBundle, SliceConfig, sliced_detect
 from label_studio_sahi.redis_server import EmbeddedRedis, connect
 from label_studio_sahi.registry import Registry
 from label_studio_sahi.settings import Settings
@@ -54,6 +54,9 @@ from tests.fake_studio import FakeStudio
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED_BASE = ROOT / "tests" / "fixtures" / "models" / "source-base"
 TAG = parse_label_config(data.LABEL_CONFIG).rectangles[0]
+# Which unlabelled tasks (indices into the project's scenes) to label next, given the live
+# models: (bundle, settings, scenes, unlabelled, how many) -> indices.
+Chooser = Callable[[ModelBundle, Settings, list[data.Scene], list[int], int], list[int]]
 SLICE = data.SOURCE_SIZE  # windows at the scale the base was trained at
 
 
@@ -177,9 +180,16 @@ def run_seed(
     work: Path,
     overrides: dict[str, Any],
     base_score: dict[str, Any] | None = None,
+    pool: int | None = None,
+    choose: Chooser | None = None,
 ) -> list[dict[str, Any]]:
     """Rounds of labels for one seed; a row per round (round 0: the base, scored here
-    unless ``base_score`` has its test-split scores already: the same for every seed)."""
+    unless ``base_score`` has its test-split scores already: the same for every seed).
+
+    The project holds ``pool`` tasks (default: as many as the last round labels). Each round
+    labels the tasks ``choose`` picks among the unlabelled ones with the live models, or the
+    next ones in the project's order (its scenes are independent draws: a random order).
+    """
     torch.set_num_threads(1)  # also in a pool's worker process
     rows: list[dict[str, Any]] = []
     redis_server = EmbeddedRedis(work / f"redis-{seed}")
@@ -203,7 +213,7 @@ def run_seed(
             settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
             registry = Registry.for_settings(settings, client)
             slicing = SliceConfig.from_settings(settings)
-            scenes = [data.target_scene(s) for s in data.project_seeds(seed, max(rounds))]
+            scenes = [data.target_scene(s) for s in data.project_seeds(seed, pool or max(rounds))]
             tasks = [fake.add_task(pid, {"image": fake.upload(pid, f"{i}.png", png(s))})
                      for i, s in enumerate(scenes)]  # fmt: skip
             bundle = project_bundle(settings, registry, str(pid))
@@ -211,10 +221,18 @@ def run_seed(
             if base_score is None:
                 base_score = score(bundle.detector, tag, split, slicing, settings.score_threshold)
             rows.append({"seed": seed, "labels": 0, "status": "base", "version": "base", **base_score})  # fmt: skip
+            unlabelled = list(range(len(scenes)))
             labelled = 0
             for n in rounds:
-                for i in range(labelled, n):
+                picked = (
+                    choose(bundle, settings, scenes, unlabelled, n - labelled)
+                    if choose is not None
+                    else unlabelled[: n - labelled]
+                )
+                assert len(picked) == n - labelled and set(picked) <= set(unlabelled), picked
+                for i in picked:
                     fake.add_annotation(tasks[i], data.export_result(scenes[i]))
+                    unlabelled.remove(i)
                 labelled = n
                 start = time.monotonic()
                 summary = run_training(
