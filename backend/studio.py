@@ -172,6 +172,11 @@ class StudioClient:
         data = self._request("GET", f"/api/projects/{key}", what=f"project {key}")
         return _expect(data, dict, f"project {key}")
 
+    def task(self, task_id: int) -> dict[str, Any]:
+        """One task: ``id``, ``project``, ``data``... (GET /api/tasks/{id}/)."""
+        data = self._request("GET", f"/api/tasks/{int(task_id)}/", what=f"task {task_id}")
+        return _expect(data, dict, f"task {task_id}")
+
     def export(self, project: int | str, *, all_tasks: bool = False) -> list[dict[str, Any]]:
         """The project's tasks in Label Studio's JSON export format.
 

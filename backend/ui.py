@@ -1,9 +1,10 @@
 """The curators' page: ``GET /ui/{project}``, server-rendered, behind the backend's auth.
 
 It shows a project's live version and every other one with its held-out metrics,
-training-set size, parent and age, each version's loss curves, and the project's training
-and bulk-prediction jobs (waiting, running with stage, step and ETA, failed with the
-reason). Its buttons post forms that go through the same code as the CLI: making a version
+training-set size, parent and age, a plot of the metrics per version, each version's loss
+curves, the project's training and bulk-prediction jobs (waiting, running with stage, step
+and ETA, failed with the reason), and a preview of one task: its image with the slice grid
+and the boxes of any two versions side by side, predicted as ``/predict`` would. Its buttons post forms that go through the same code as the CLI: making a version
 live or rolling back to the base (``ls-sahi rollback``), training now (``ls-sahi train``),
 predicting every task (``ls-sahi predict-project``). No front-end build: HTML, a little CSS,
 and a refresh every few seconds while a job runs.
@@ -12,24 +13,35 @@ and a refresh every few seconds while a job runs.
 from __future__ import annotations
 
 import html
+import threading
+from collections import OrderedDict
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from tqdm import tqdm
 
-from label_studio_sahi import names
+from label_studio_sahi import names, ui_images
 from label_studio_sahi.errors import BadRequest, NotFound
+from label_studio_sahi.labeling import LabelConfig, parse_label_config
+from label_studio_sahi.models import load_version_bundle
+from label_studio_sahi.predict import ModelBundle, Predictor, as_pixels
 from label_studio_sahi.queueing import job_state
 from label_studio_sahi.registry import Version, VersionNotFound
 from label_studio_sahi.service import Service
-from label_studio_sahi.studio import project_id
+from label_studio_sahi.slicing import slice_windows
+from label_studio_sahi.studio import StudioClient, project_id
 
 router = APIRouter()
 
+format_interval = tqdm.format_interval  # ETAs read as the command line's bar shows them
 REFRESH_SECONDS = 5  # while a job waits or runs
+PREVIEW_MODELS = 2  # versions other than the live one kept loaded for previews
+METRICS_PLOT = "metrics.png"
+PREVIEW_IMAGE = "preview.png"
 NEEDS_REDIS = "the curators' page needs Redis (versions, live pointers and jobs live there)"
 
 STYLE = """
@@ -38,6 +50,7 @@ table{border-collapse:collapse;margin:8px 0 20px}td,th{padding:4px 10px;border-b
 tr.live{background:#e8f5e9;font-weight:600}.muted{color:#888}form{display:inline}
 button{padding:3px 10px;cursor:pointer}.job{padding:6px 10px;background:#f5f5f5;margin:4px 0}
 img{max-width:420px;border:1px solid #ddd;margin:4px}
+.previews,.row{display:flex;flex-wrap:wrap;gap:8px}.previews img{max-width:48vw}
 """
 
 
@@ -96,15 +109,52 @@ def _job_line(kind: str, state: dict[str, Any]) -> str:
     if status == "none":
         return f'<div class="job">{kind}: none</div>'
     parts = [f"{kind}: <b>{html.escape(str(status))}</b>"]
-    for key in ("stage", "step", "steps", "loss", "eta_seconds", "done", "total", "failed"):
-        if state.get(key) is not None:
-            parts.append(f"{key} {html.escape(str(state[key]))}")
+    if state.get("stage"):
+        parts.append(html.escape(str(state["stage"])))
+    for count, of, word in (("step", "steps", "step"), ("done", "total", "tasks")):
+        if state.get(count) is not None:
+            parts.append(
+                f"{word} {html.escape(str(state[count]))}/{html.escape(str(state.get(of, '?')))}"
+            )
+    if isinstance(state.get("loss"), int | float):
+        parts.append(f"loss {state['loss']:.4g}")
+    if isinstance(state.get("eta_seconds"), int | float):
+        parts.append(f"ETA {format_interval(state['eta_seconds'])}")
+    if state.get("failed"):
+        parts.append(f"{html.escape(str(state['failed']))} failed")
     if status == "failed" and state.get("error"):
         parts.append(f"reason: {html.escape(str(state['error']))}")
     return f'<div class="job" data-job="{kind}">{" · ".join(parts)}</div>'
 
 
-def render(service: Service, project: str) -> str:
+def _preview_section(project: str, names_: list[str], task: str, a: str, b: str) -> str:
+    """The preview form (a task id, two versions) and, once a task is asked for, the two
+    pictures side by side."""
+
+    def select(field: str, chosen: str) -> str:
+        options = "".join(
+            f"<option{' selected' if n == chosen else ''}>{html.escape(n)}</option>" for n in names_
+        )
+        return f'<select name="{field}">{options}</select>'
+
+    form = (
+        f'<form method="get" action="/ui/{project}" id="preview-form">task '
+        f'<input name="task" size="8" value="{html.escape(task)}"> {select("a", a)} vs '
+        f"{select('b', b)} <button>preview</button></form>"
+    )
+    if not task:
+        return form
+    figures = "".join(
+        f'<figure><img src="/ui/{project}/{PREVIEW_IMAGE}?'
+        f'{html.escape(urlencode({"task": task, "version": v}))}" alt="task {html.escape(task)} '
+        f'with the boxes of {html.escape(v)}" data-preview="{html.escape(v)}"></figure>'
+        for v in (a, b)
+    )
+    return f'{form}<div class="previews">{figures}</div>'
+
+
+def render(service: Service, project: str, query: dict[str, str] | None = None) -> str:
+    query = query or {}
     registry = service.registry
     live = registry.live(project)
     versions = sorted(registry.versions(project), key=lambda v: v.number, reverse=True)
@@ -124,6 +174,11 @@ def render(service: Service, project: str) -> str:
         'value="base"><button>roll back to base</button></form>'
     )
     rows = "".join(_version_row(project, v, live) for v in versions)
+    choices = ["live", "base", *(v.name for v in versions)]
+    older = next((v.name for v in versions if v.name != live), "base")
+    preview = _preview_section(
+        project, choices, query.get("task", ""), query.get("a", "live"), query.get("b", older)
+    )
     curves = "".join(
         f'<figure><img src="/ui/{project}/{html.escape(v.name)}/{names.CURVES_FILE}" alt="loss curves of '
         f'{html.escape(v.name)}"><figcaption>{html.escape(v.name)}</figcaption></figure>'
@@ -141,14 +196,121 @@ def render(service: Service, project: str) -> str:
 <h2>Jobs</h2>{"".join(_job_line(k, s) for k, s in jobs.items())}
 <form method="post" action="/ui/{project}/train"><button>train now</button></form>
 <form method="post" action="/ui/{project}/bulk-predict"><button>predict every task</button></form>
-<h2>Loss curves</h2>{curves or '<p class="muted">none yet</p>'}
+<h2>Metrics per version</h2><img src="/ui/{project}/{METRICS_PLOT}" alt="held-out metrics per version" id="metrics-plot">
+<h2>Loss curves</h2><div class="row">{curves or '<p class="muted">none yet</p>'}</div>
+<h2>Preview</h2><p class="muted">A task's image, its slice grid and the boxes two versions
+suggest for it, as /predict would (live: what serves now).</p>{preview}
 </body></html>"""
 
 
 @router.get("/ui/{project}", response_class=HTMLResponse)
 async def page(request: Request, project: str) -> HTMLResponse:
     service, pid = _service(request), project_id(project)
-    return HTMLResponse(await anyio.to_thread.run_sync(render, service, pid))
+    query = {k: v for k, v in request.query_params.items() if k in ("task", "a", "b")}
+    return HTMLResponse(await anyio.to_thread.run_sync(render, service, pid, query))
+
+
+@router.get(f"/ui/{{project}}/{METRICS_PLOT}")
+async def metrics_plot(request: Request, project: str) -> Response:
+    service, pid = _service(request), project_id(project)
+
+    def draw() -> bytes:
+        return ui_images.metrics_plot(service.registry.versions(pid), service.registry.live(pid))
+
+    return Response(await anyio.to_thread.run_sync(draw), media_type="image/png")
+
+
+class PreviewModels:
+    """Versions loaded for previews, the PREVIEW_MODELS most recently asked for (the live
+    one and the base are the service's own)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bundles: OrderedDict[str, ModelBundle] = OrderedDict()
+
+    def bundle(self, service: Service, project: str, name: str) -> ModelBundle:
+        if name == "live":
+            return service.predictor_for(project).bundle
+        if name == "base":
+            return service.base.bundle
+        try:
+            version = service.registry.get(project, name)
+        except VersionNotFound:
+            raise NotFound(f"project {project} has no version {name}") from None
+        with self._lock:
+            found = self._bundles.get(version.model_version)
+            if found is not None:
+                self._bundles.move_to_end(version.model_version)
+                return found
+        # Boxes only: a version without its own classifier previews without one.
+        loaded = load_version_bundle(version, lambda: None, service.settings)
+        with self._lock:
+            self._bundles[version.model_version] = loaded
+            while len(self._bundles) > PREVIEW_MODELS:
+                self._bundles.popitem(last=False)
+        return loaded
+
+
+def _preview_models(request: Request) -> PreviewModels:
+    state = request.app.state
+    if not hasattr(state, "preview_models"):
+        state.preview_models = PreviewModels()
+    models: PreviewModels = state.preview_models
+    return models
+
+
+def _task_config(service: Service, studio: StudioClient, project: str) -> LabelConfig:
+    known = service.config_for(project)
+    if known is not None and known.rectangles:
+        return known
+    return parse_label_config(str(studio.project(project).get("label_config") or ""))
+
+
+@router.get(f"/ui/{{project}}/{PREVIEW_IMAGE}")
+async def preview_image(request: Request, project: str) -> Response:
+    """One task's image (fetched from Label Studio) with the slice grid and the boxes
+    ``version`` (``live``, ``base`` or a version's name) suggests, as /predict would; the
+    number of boxes in the ``X-Boxes`` header."""
+    service, pid = _service(request), project_id(project)
+    raw_task, name = (
+        request.query_params.get("task", ""),
+        request.query_params.get("version", "live"),
+    )
+    if not raw_task.isdigit():
+        raise BadRequest(f"task must be a task id, got {raw_task!r}")
+    models = _preview_models(request)
+
+    def draw() -> tuple[bytes, int]:
+        with StudioClient(service.settings) as studio:
+            task = studio.task(int(raw_task))
+            if project_id(task.get("project", "")) != pid:
+                raise NotFound(f"task {raw_task} is not in project {pid}")
+            config = _task_config(service, studio, pid)
+        if not config.rectangles:
+            raise BadRequest(f"project {pid}'s labeling config has no RectangleLabels to preview")
+        data = task.get("data") or {}
+        key = next((k for k in config.image_keys if isinstance(data.get(k), str)), None)
+        if key is None:
+            raise BadRequest(f"task {raw_task} has no image under {list(config.image_keys)}")
+        bundle = models.bundle(service, pid, name)
+        predictor = Predictor(bundle, service.settings, service.base.load_image)
+        try:
+            pixels = as_pixels(service.base.load_image(data[key], int(raw_task)))
+            result = predictor.predict_image(pixels, config, key)
+        finally:
+            predictor.close()
+        slicing = predictor.slicing
+        windows = slice_windows(
+            pixels.shape[0], pixels.shape[1], slicing.slice_height, slicing.slice_width,
+            slicing.overlap_height_ratio, slicing.overlap_width_ratio,
+        )  # fmt: skip
+        boxes = [r for r in result if r.get("type") == "rectanglelabels"]
+        labels = [label for tag in config.rectangles for label in tag.labels]
+        caption = f"task {raw_task} · {name} ({bundle.version}) · {len(boxes)} boxes"
+        return ui_images.preview(pixels, boxes, windows, labels, caption), len(boxes)
+
+    png, count = await anyio.to_thread.run_sync(draw)
+    return Response(png, media_type="image/png", headers={"X-Boxes": str(count)})
 
 
 @router.get(f"/ui/{{project}}/{{version}}/{names.CURVES_FILE}")

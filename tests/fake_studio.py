@@ -201,6 +201,9 @@ class FakeStudio:
                 return self._predict(body)
             if method == "GET" and path == "/api/tasks":
                 return self._tasks(query)
+            task = re.fullmatch(r"/api/tasks/(\d+)/?", path)
+            if method == "GET" and task and int(task[1]) in self.tasks:
+                return 200, _task(self.tasks[int(task[1])])
             match = re.fullmatch(r"/api/projects/(\d+)(/export)?", path)
             if method == "GET" and match and int(match[1]) in self.projects:
                 pid = int(match[1])

@@ -1,41 +1,57 @@
 """The curators' page in a real browser (Debian's headless Chromium, driven by Playwright's
-core): a backend with two versions and a training job in progress; the page shows both
-with their metrics and the job; a click on "make live" changes what /predict serves."""
+core), against a backend with two published versions, a Label Studio stand-in holding the
+project's labelled tasks, and a real rq worker running the real fine-tuning job: the page
+shows both versions with their metrics, the job's progress, the metrics plot and a task's
+preview; a click on "make live" changes what /predict serves."""
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis
 from e2e.screenshot import CHROMIUM_ARGS, chromium
-from servers import LiveServer, make_settings, start_uvicorn, stop_uvicorn
-from tiny_models import draw_scene
+from fake_studio import FakeStudio
+from labelled_project import CONFIG, labelled_project
+from servers import LiveServer, start_uvicorn, stop_uvicorn
+from stack import job_done, stack_settings, start_worker
 
 from label_studio_sahi import names
-from label_studio_sahi.images import load_local_image
+from label_studio_sahi.bulk_predict import enqueue_bulk
 from label_studio_sahi.predict import ModelBundle
-from label_studio_sahi.queueing import fetch_job
 from label_studio_sahi.redis_server import connect
 from label_studio_sahi.registry import Registry
 from label_studio_sahi.server import create_app
 from label_studio_sahi.service import Service
+from label_studio_sahi.settings import Settings
 from label_studio_sahi.training.job import _plot_curves
 from label_studio_sahi.trigger import TrainingTrigger
 
 pytestmark = pytest.mark.skipif(chromium() is None, reason="no chromium (apt-get install chromium)")
 
-PROJECT = "4"
-CONFIG = (
-    '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
-    '<Label value="car"/><Label value="person"/></RectangleLabels></View>'
-)
+
+@dataclass
+class Backend:
+    url: str
+    settings: Settings
+    registry: Registry
+    redis: redis.Redis
+    project: str
+    task: int  # one of the project's tasks; its image is an upload in the stand-in
+    image_url: str
+
+
+def changed(settings: Settings, **values: Any) -> Settings:
+    return Settings(_env_file=None, **{**settings.model_dump(), **values})  # type: ignore[call-arg]
 
 
 def checkpoint(source: Path, metrics: dict[str, float], tasks: int) -> Any:
@@ -54,108 +70,177 @@ def checkpoint(source: Path, metrics: dict[str, float], tasks: int) -> Any:
 
 @pytest.fixture
 def backend(
-    bundle: ModelBundle, redis_url: str, detector_dir: Path, tmp_path: Path
-) -> Iterator[tuple[LiveServer, Registry, Path]]:
-    settings = make_settings(
-        model_dir=tmp_path / "models", redis_url=redis_url, classifier_model=""
-    )
-    registry = Registry.for_settings(settings, connect(redis_url))
+    bundle: ModelBundle, redis_url: str, detector_dir: Path, fake: FakeStudio, tmp_path: Path
+) -> Iterator[Backend]:
+    project = labelled_project(fake, n_tasks=8)
+    pid = str(project.id)
+    # Long enough that the job is still training while the browser looks at it.
+    settings = stack_settings(
+        fake, redis_url, detector_dir, tmp_path / "models", train_steps=20_000,
+        train_min_steps=20_000, job_retries=0,
+    )  # fmt: skip
+    client = connect(redis_url)
+    registry = Registry.for_settings(settings, client)
     for metrics, tasks in (({"map": 0.21, "map_50": 0.52, "map_small": 0.18}, 10),
                            ({"map": 0.27, "map_50": 0.61, "map_small": 0.24}, 25)):  # fmt: skip
         write, meta = checkpoint(detector_dir, metrics, tasks)
-        registry.publish(PROJECT, write, {**meta, names.META_PARENT: "base"})
-    registry.set_live(PROJECT, "v2")
-    # A training job in progress, its meta as a worker writes it (no worker takes it here).
-    client = connect(redis_url)
-    job = TrainingTrigger(client, settings).enqueue(PROJECT, reason="test", delay=0)
-    job.meta.update(stage="training detector", step=120, steps=400, loss=0.8123, eta_seconds=95)
-    job.save_meta()
-    image = tmp_path / "scene.png"
-    draw_scene(384, 256, 6, random.Random(3)).image.save(image)
-    service = Service(
-        settings,
-        ModelBundle(bundle.detector, None),
-        load_image=lambda url, _t: load_local_image(url, settings),
-        redis_client=client,
+        registry.publish(pid, write, {**meta, names.META_PARENT: "base"})
+    registry.set_live(pid, "v2")
+    # The service reads task images from the stand-in as from Label Studio (its token).
+    service = Service(settings, ModelBundle(bundle.detector, None), redis_client=client)
+    live: LiveServer = start_uvicorn(create_app(settings, service))
+    task = project.task_ids[0]
+    yield Backend(
+        live.url, settings, registry, client, pid, task, fake.tasks[task]["data"]["image"]
     )
-    live = start_uvicorn(create_app(settings, service))
-    yield live, registry, image
     stop_uvicorn(live)
-    assert fetch_job(client, job.id) is not None
 
 
-def predicted_version(url: str, image: Path) -> str:
-    body = {"tasks": [{"id": 1, "data": {"image": str(image)}}], "label_config": CONFIG,
-            "project": f"{PROJECT}.1700000000"}  # fmt: skip
-    answer = httpx.post(f"{url}/predict", json=body, timeout=60)
+@contextmanager
+def training_in_progress(backend: Backend, folder: Path) -> Iterator[dict[str, Any]]:
+    """A real worker process running the real fine-tuning job of the project, past its
+    first logged step; killed (with its work horse) afterwards."""
+    worker = start_worker(backend.settings, folder, "ui-worker")
+    try:
+        job = TrainingTrigger(backend.redis, backend.settings).enqueue(
+            backend.project, reason="test", delay=0
+        )
+        deadline = time.monotonic() + 240
+        while True:
+            job.refresh()
+            if job.meta.get("stage") == "training detector" and job.meta.get("step"):
+                break
+            assert not job_done(job, [worker]), worker.log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no training step yet: {job.meta}"
+            time.sleep(0.5)
+        yield job.meta
+    finally:
+        worker.kill_with_work_horse()
+
+
+def predicted(backend: Backend) -> dict[str, Any]:
+    body = {"tasks": [{"id": backend.task, "data": {"image": backend.image_url}}],
+            "label_config": CONFIG, "project": f"{backend.project}.1700000000"}  # fmt: skip
+    answer = httpx.post(f"{backend.url}/predict", json=body, timeout=60)
     assert answer.status_code == 200, answer.text
-    return str(answer.json()["results"][0]["model_version"])
+    result: dict[str, Any] = answer.json()["results"][0]
+    return result
 
 
-def test_the_page_shows_versions_and_the_job_and_a_click_changes_the_live_version(
-    backend: tuple[LiveServer, Registry, Path], tmp_path: Path
+def test_the_page_shows_versions_job_metrics_and_a_preview_and_a_click_changes_the_live_version(
+    backend: Backend, tmp_path: Path
 ) -> None:
     from playwright.sync_api import sync_playwright
 
-    live, registry, image = backend
-    assert predicted_version(live.url, image) == f"p{PROJECT}-v2"
-    with sync_playwright() as driver:
+    pid = backend.project
+    assert predicted(backend)["model_version"] == f"p{pid}-v2"
+    with training_in_progress(backend, tmp_path), sync_playwright() as driver:
         browser = driver.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.goto(f"{live.url}/ui/{PROJECT}")
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{backend.url}/ui/{pid}?task={backend.task}&a=v2&b=base")
             assert page.inner_text("#live") == "v2"
             v1 = page.locator('tr[data-version="v1"]').inner_text()
             v2 = page.locator('tr[data-version="v2"]').inner_text()
             assert "0.520" in v1 and "0.210" in v1 and "10" in v1  # mAP@.5, mAP, training tasks
             assert "0.610" in v2 and "0.270" in v2 and "live" in v2
             job = page.locator('[data-job="training"]').inner_text()
-            assert "training detector" in job and "step 120" in job and "eta_seconds 95" in job
+            assert "started" in job and "training detector" in job, job
+            assert "step " in job and "/20000" in job and "loss " in job and "ETA " in job, job
+            for image in ("#metrics-plot", '[data-preview="v2"]', '[data-preview="base"]'):
+                page.wait_for_function(
+                    "s => { const i = document.querySelector(s); return i && i.complete"
+                    " && i.naturalWidth > 0 }",
+                    arg=image,
+                    timeout=60_000,
+                )
             shot = tmp_path / "curators-page.png"
             page.screenshot(path=str(shot), full_page=True)
             if os.environ.get("LS_SAHI_UI_SCREENSHOT_TO"):  # the README's (docs/curators-page.png)
                 shutil.copy(shot, os.environ["LS_SAHI_UI_SCREENSHOT_TO"])
 
             page.locator('tr[data-version="v1"] button').click()  # "make live"
-            page.wait_for_url(f"{live.url}/ui/{PROJECT}")
+            page.wait_for_url(f"{backend.url}/ui/{pid}")
             assert page.inner_text("#live") == "v1"
         finally:
             browser.close()
-    assert registry.live(PROJECT) == "v1"
-    assert predicted_version(live.url, image) == f"p{PROJECT}-v1"  # this process swapped
-    versions = httpx.get(f"{live.url}/versions", params={"project": PROJECT}, timeout=30).json()
-    assert f"p{PROJECT}-v1" in versions["versions"]
+    assert backend.registry.live(pid) == "v1"
+    assert predicted(backend)["model_version"] == f"p{pid}-v1"  # this process swapped
+    versions = httpx.get(f"{backend.url}/versions", params={"project": pid}, timeout=30).json()
+    assert f"p{pid}-v1" in versions["versions"]
+
+
+def test_the_preview_draws_the_boxes_predict_suggests_and_refuses_bad_asks(
+    backend: Backend, fake: FakeStudio
+) -> None:
+    pid, url = backend.project, f"{backend.url}/ui/{backend.project}/preview.png"
+    served = predicted(backend)  # v2 is live
+    for version in ("live", "v2", "v1"):  # v1: the same weights, loaded for the preview
+        answer = httpx.get(url, params={"task": backend.task, "version": version}, timeout=60)
+        assert answer.status_code == 200 and answer.content.startswith(b"\x89PNG"), answer.text
+        assert int(answer.headers["x-boxes"]) == len(served["result"]) > 0
+    other = fake.add_task(fake.add_project("<View/>"), {"image": backend.image_url})
+    refusals = {
+        "abc": (400, "task must be a task id"),
+        "999999": (404, "task 999999"),
+        str(other): (404, f"is not in project {pid}"),
+    }
+    for task, (status, words) in refusals.items():
+        answer = httpx.get(url, params={"task": task}, timeout=60)
+        assert answer.status_code == status and words in answer.json()["detail"], answer.text
+    missing = httpx.get(url, params={"task": backend.task, "version": "v9"}, timeout=60)
+    assert missing.status_code == 404 and "no version v9" in missing.json()["detail"]
+
+
+def test_a_failed_job_shows_its_reason(backend: Backend, tmp_path: Path) -> None:
+    # A worker whose Label Studio key is wrong runs the real bulk-prediction job: it fails.
+    wrong = changed(backend.settings, label_studio_api_key="not-the-key")
+    job = enqueue_bulk(backend.redis, wrong, backend.project)
+    worker = start_worker(wrong, tmp_path, "failing-worker")
+    try:
+        deadline = time.monotonic() + 120
+        while not job_done(job, [worker]):
+            assert time.monotonic() < deadline, worker.log.read_text()[-3000:]
+            time.sleep(0.5)
+    finally:
+        worker.stop()
+    assert job.get_status(refresh=True) == "failed"
+    page = httpx.get(f"{backend.url}/ui/{backend.project}", timeout=30).text
+    line = page.split('data-job="bulk prediction">', 1)[1].split("</div>", 1)[0]
+    assert "<b>failed</b>" in line and "reason: " in line and "401" in line, line
+    assert "not-the-key" not in page  # the token never reaches the page
 
 
 def test_the_page_and_its_actions_need_the_login(
-    backend: tuple[LiveServer, Registry, Path], redis_url: str, tmp_path: Path, bundle: ModelBundle
+    backend: Backend, redis_url: str, tmp_path: Path, bundle: ModelBundle
 ) -> None:
-    settings = make_settings(
-        model_dir=tmp_path / "auth-models", redis_url=redis_url, auth="basic",
-        basic_auth_user="curator", basic_auth_pass="s3cret-pass",
-    )  # fmt: skip
+    settings = changed(
+        backend.settings, auth="basic", basic_auth_user="curator", basic_auth_pass="s3cret-pass"
+    )
     guarded = start_uvicorn(
         create_app(settings, Service(settings, bundle, redis_client=connect(redis_url)))
     )
     try:
-        assert httpx.get(f"{guarded.url}/ui/{PROJECT}").status_code == 401
-        refused = httpx.post(f"{guarded.url}/ui/{PROJECT}/live", data={"version": "v1"})
+        for path in ("", "/metrics.png", f"/preview.png?task={backend.task}"):
+            assert httpx.get(f"{guarded.url}/ui/{backend.project}{path}").status_code == 401
+        refused = httpx.post(f"{guarded.url}/ui/{backend.project}/live", data={"version": "v1"})
         assert refused.status_code == 401
         assert json.loads(refused.text)["error"] == "unauthorized"
-        ok = httpx.get(f"{guarded.url}/ui/{PROJECT}", auth=("curator", "s3cret-pass"))
+        ok = httpx.get(f"{guarded.url}/ui/{backend.project}", auth=("curator", "s3cret-pass"))
         assert ok.status_code == 200 and "Versions" in ok.text
     finally:
         stop_uvicorn(guarded)
 
 
-def test_the_loss_curves_of_a_version_are_served_and_a_missing_one_is_a_404(
-    backend: tuple[LiveServer, Registry, Path],
+def test_the_loss_curves_and_the_metrics_plot_are_served_and_a_missing_version_is_a_404(
+    backend: Backend,
 ) -> None:
-    live, _, _ = backend
-    page = httpx.get(f"{live.url}/ui/{PROJECT}").text
-    assert f'src="/ui/{PROJECT}/v1/{names.CURVES_FILE}"' in page
-    image = httpx.get(f"{live.url}/ui/{PROJECT}/v1/{names.CURVES_FILE}")
-    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
-    assert image.content.startswith(b"\x89PNG")
-    missing = httpx.get(f"{live.url}/ui/{PROJECT}/v9/{names.CURVES_FILE}")
+    pid = backend.project
+    page = httpx.get(f"{backend.url}/ui/{pid}").text
+    assert f'src="/ui/{pid}/v1/{names.CURVES_FILE}"' in page
+    for path in (f"v1/{names.CURVES_FILE}", "metrics.png"):
+        image = httpx.get(f"{backend.url}/ui/{pid}/{path}", timeout=30)
+        assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+        assert image.content.startswith(b"\x89PNG")
+    missing = httpx.get(f"{backend.url}/ui/{pid}/v9/{names.CURVES_FILE}")
     assert missing.status_code == 404 and "no version v9" in missing.json()["detail"]
