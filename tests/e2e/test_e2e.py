@@ -322,6 +322,18 @@ def test_label_studio_end_to_end(studio: StudioServer, backend: Backend, run_dir
     )
     assert len(_predictions(studio, project)) == before + len(tasks)
 
+    # The curators' page lists the versions and previews a task: read from Label Studio
+    # (the task, its labeling config, its uploaded image), drawn with the live version's boxes.
+    assert live in backend.client.get(f"/ui/{project}").text
+    boxed = next(
+        p["task"] for p in newest if any(r["type"] == "rectanglelabels" for r in p["result"])
+    )
+    preview = backend.client.get(
+        f"/ui/{project}/preview.png", params={"task": boxed, "version": "live"}
+    )
+    assert preview.status_code == 200, preview.text[:1000]
+    assert preview.content.startswith(b"\x89PNG") and int(preview.headers["x-boxes"]) > 0
+
     # 8. What the annotator sees: the new image with the backend's pre-annotations.
     if chromium() is None:
         print("\nno chromium: screenshot skipped")
