@@ -7,8 +7,8 @@ and an active-learning simulation through the real job.
 An active-learning loop labels the tasks Label Studio lists first when sorted by
 prediction score ascending, so a score is worth sorting by when a low score marks a task
 the live model gets wrong. On the learning benchmark (``bench/quality.py``: its base, or
-the base fine-tuned by the real job on ``--finetuned`` labels of seed 0's project), this
-predicts an unlabelled pool (seed 1's project tasks, with ground truth the bench knows) as
+the base fine-tuned by the real job on ``--finetuned`` labels of ``--train-seed``'s project), this
+predicts an unlabelled pool (``--pool-seed``'s project tasks, ground truth known) as
 served, computes every task score of ``scores.py`` from the same predictions, and prints
 Spearman's rank correlation between each score's *uncertainty* (1 - score) and the task's
 error (1 - F1 of its boxes at the serving threshold: misses and wrong boxes alike, IoU >=
@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=40, help="tasks in the unlabelled pool")
     parser.add_argument("--finetuned", type=int, metavar="LABELS", default=0)
+    parser.add_argument("--train-seed", type=int, default=0, help="project the labels come from")
+    parser.add_argument("--pool-seed", type=int, default=1, help="project the pool comes from")
     parser.add_argument("--simulate", action="store_true",
                         help="instead: label rounds in each score's order vs at random")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -243,9 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.finetuned:
         work = Path(tempfile.mkdtemp(prefix="ls-sahi-al-"))
         split = quality.test_split(1)  # run_seed scores its live model on it; unused here
-        rows = quality.run_seed(0, [args.finetuned], split, model, work, {"train_steps": 600})
+        rows = quality.run_seed(
+            args.train_seed, [args.finetuned], split, model, work, {"train_steps": 600}
+        )
         assert rows[-1]["status"] == "accepted", rows[-1]
-        model = next((work / "models-0").glob("projects/*/v1/detector"))
+        model = next((work / f"models-{args.train_seed}").glob("projects/*/v1/detector"))
     detector = Detector.load(str(model), device="cpu")
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
@@ -256,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         task_score="disagreement",  # so that the passes' agreement is computed too
     )
     config = parse_label_config(data.LABEL_CONFIG)
-    pool = [data.target_scene(s) for s in data.project_seeds(1, args.tasks)]
+    pool = [data.target_scene(s) for s in data.project_seeds(args.pool_seed, args.tasks)]
     images = [np.array(scene.image) for scene in pool]
     predictor = Predictor(ModelBundle(detector, None), settings, lambda url, _t: images[int(url)])
     assert SliceConfig.from_settings(settings) == predictor.slicing
