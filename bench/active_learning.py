@@ -125,8 +125,33 @@ class RandomOrder:
         return random.Random(self.seed * 100_003 + len(unlabelled)).sample(unlabelled, count)
 
 
-def order(strategy: str, seed: int) -> quality.Chooser:
-    return RandomOrder(seed) if strategy == "random" else ScoreOrder(cast(TaskScore, strategy))
+@dataclass(frozen=True)
+class WarmStart:
+    """The first ``labels`` drawn at random (the same draw for every order), then ``then``:
+    the untrained base's scores carry no signal here (its error is about 1 on every task)."""
+
+    labels: int
+    seed: int
+    then: quality.Chooser
+
+    def __call__(
+        self,
+        bundle: ModelBundle,
+        settings: Settings,
+        scenes: list[data.Scene],
+        unlabelled: list[int],
+        count: int,
+    ) -> list[int]:
+        first = len(scenes) - len(unlabelled) < self.labels
+        chooser = RandomOrder(self.seed) if first else self.then
+        return chooser(bundle, settings, scenes, unlabelled, count)
+
+
+def order(strategy: str, seed: int, warm_start: int = 0) -> quality.Chooser:
+    chosen: quality.Chooser = (
+        RandomOrder(seed) if strategy == "random" else ScoreOrder(cast(TaskScore, strategy))
+    )
+    return WarmStart(warm_start, seed, chosen) if warm_start else chosen
 
 
 def labels_to_reach(curve: list[dict[str, Any]], target: float) -> int | None:
@@ -138,6 +163,7 @@ def simulate(args: argparse.Namespace) -> int:
     strategies = ["random", *args.orders]
     rounds = sorted(args.rounds)
     assert rounds[-1] <= args.pool, "the last round cannot label more than the pool"
+    assert not args.warm_start or args.warm_start in rounds, "a warm start is a round's labels"
     overrides: dict[str, Any] = {
         "train_steps": args.max_steps,
         "train_min_steps": min(args.max_steps, 200),  # 200: the setting's default
@@ -156,7 +182,7 @@ def simulate(args: argparse.Namespace) -> int:
     ):
         runs = [
             pool.submit(quality.run_seed, seed, rounds, split, base, Path(tmp) / f"{strategy}-{seed}",
-                        overrides, base_score, args.pool, order(strategy, seed))
+                        overrides, base_score, args.pool, order(strategy, seed, args.warm_start))
             for strategy, seed in plan
         ]  # fmt: skip
         for (strategy, _), run in zip(plan, runs, strict=True):
@@ -231,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, nargs="+", default=[4, 8, 12, 16, 20])
     parser.add_argument("--orders", nargs="+", default=list(get_args(TaskScore)),
                         choices=get_args(TaskScore), help="the scores compared with random")  # fmt: skip
+    parser.add_argument("--warm-start", type=int, default=0, metavar="LABELS",
+                        help="the first LABELS drawn at random for every order (the first round's)")  # fmt: skip
     parser.add_argument("--test-images", type=int, default=8)
     parser.add_argument("--max-steps", type=int, default=600, help="TRAIN_STEPS per job")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, one core each")
