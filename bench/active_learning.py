@@ -189,21 +189,31 @@ def simulate(args: argparse.Namespace) -> int:
             rows += [{"order": strategy, **row} for row in run.result()]
             print(f"{strategy}: done", flush=True)
     print(f"simulation wall time {time.monotonic() - started:.0f} s\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "simulation.json").write_text(json.dumps(rows, indent=2, default=str))
+    report(rows, args.out)
+    return 0
+
+
+def report(rows: list[dict[str, Any]], out: Path) -> None:
+    """The simulation's tables and plot from its rows (``--report simulation.json`` again)."""
+    strategies = list(dict.fromkeys(r["order"] for r in rows))
+    seeds = sorted({r["seed"] for r in rows})
     print("| order | seed | labels | status | version | map | map_50 | accept | edit |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['order']} | {r['seed']} | {r['labels']} | {r['status']} | {r['version']} "
               f"| {r['map']:.3f} | {r['map_50']:.3f} | {r['accept']:.3f} | {r['edit']:.1f} |")  # fmt: skip
-    curves = {(r["order"], r["seed"]): [] for r in rows}  # type: dict[tuple[str, int], list]
+    curves: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
-        curves[r["order"], r["seed"]].append(r)
+        curves.setdefault((r["order"], r["seed"]), []).append(r)
     print("\nLabels to reach random order's final test mAP@.5 (per seed), and their share of "
-          "the labels random order needed:\n")  # fmt: skip
-    print("| order | " + " | ".join(f"seed {s}" for s in args.seeds) + " | median share |")
-    print("|---|" + "---|" * (len(args.seeds) + 1))
+          "the labels random order needed to get there:\n")  # fmt: skip
+    print("| order | " + " | ".join(f"seed {s}" for s in seeds) + " | median share |")
+    print("|---|" + "---|" * (len(seeds) + 1))
     for strategy in strategies:
         cells, shares = [], []
-        for seed in args.seeds:
+        for seed in seeds:
             target = curves["random", seed][-1]["map_50"]
             need_random = labels_to_reach(curves["random", seed], target)
             need = labels_to_reach(curves[strategy, seed], target)
@@ -212,13 +222,21 @@ def simulate(args: argparse.Namespace) -> int:
             cells.append(f"{need if need is not None else 'not reached'} of {need_random}"
                          f" ({'-' if share is None else f'{share:.0%}'})")  # fmt: skip
         median = statistics.median(shares)
-        print(f"| {strategy} | " + " | ".join(cells) + f" | {median:.0%} |"
-              if median != float("inf") else f"| {strategy} | " + " | ".join(cells) + " | - |")  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "simulation.json").write_text(json.dumps(rows, indent=2, default=str))
-    plot(rows, strategies, args.seeds, args.out / "active_learning.png")
-    print(f"\nwrote {args.out / 'simulation.json'} and {args.out / 'active_learning.png'}")
-    return 0
+        shown = "-" if median == float("inf") else f"{median:.0%}"
+        print(f"| {strategy} | " + " | ".join(cells) + f" | {shown} |")
+    # The whole curve, not one crossing: mean test mAP@.5 over the labelled rounds.
+    print("\nMean test mAP@.5 over the rounds after the base (the area under the curve):\n")
+    print("| order | " + " | ".join(f"seed {s}" for s in seeds) + " | median |")
+    print("|---|" + "---|" * (len(seeds) + 1))
+    for strategy in strategies:
+        means = [
+            statistics.fmean(r["map_50"] for r in curves[strategy, seed] if r["labels"] > 0)
+            for seed in seeds
+        ]
+        cells = [f"{m:.3f}" for m in means]
+        print(f"| {strategy} | " + " | ".join(cells) + f" | {statistics.median(means):.3f} |")
+    plot(rows, strategies, seeds, out / "active_learning.png")
+    print(f"\nwrote {out / 'active_learning.png'}")
 
 
 def plot(rows: list[dict[str, Any]], strategies: list[str], seeds: list[int], path: Path) -> None:
@@ -252,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool-seed", type=int, default=1, help="project the pool comes from")
     parser.add_argument("--simulate", action="store_true",
                         help="instead: label rounds in each score's order vs at random")  # fmt: skip
+    parser.add_argument("--report", type=Path, metavar="SIMULATION_JSON",
+                        help="instead: the tables and plot of a simulation's saved rows")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--pool", type=int, default=24, help="tasks in each seed's project")
     parser.add_argument("--rounds", type=int, nargs="+", default=[4, 8, 12, 16, 20])
@@ -265,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path,
                         default=quality.ROOT / "bench" / "results" / "active_learning")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.report:
+        report(json.loads(args.report.read_text()), args.report.parent)
+        return 0
     if args.simulate:
         torch.set_num_threads(1)
         return simulate(args)
