@@ -147,6 +147,19 @@ class WarmStart:
         return chooser(bundle, settings, scenes, unlabelled, count)
 
 
+@dataclass(frozen=True)
+class SubDomain:
+    """The target domain with one scene in ``every`` on another ground (dark asphalt): a
+    project with a site the model has not seen, in the pool and the test split alike."""
+
+    every: int
+    ground: tuple[int, int, int] = (62, 64, 66)
+
+    def __call__(self, seed: int) -> data.Scene:
+        other = seed % self.every == self.every - 1
+        return data.target_scene(seed, ground=self.ground if other else data.GROUND)
+
+
 def order(strategy: str, seed: int, warm_start: int = 0) -> quality.Chooser:
     chosen: quality.Chooser = (
         RandomOrder(seed) if strategy == "random" else ScoreOrder(cast(TaskScore, strategy))
@@ -168,7 +181,8 @@ def simulate(args: argparse.Namespace) -> int:
         "train_steps": args.max_steps,
         "train_min_steps": min(args.max_steps, 200),  # 200: the setting's default
     }
-    split = quality.test_split(args.test_images)
+    make = SubDomain(args.subdomain_every) if args.subdomain_every else data.target_scene
+    split = quality.test_split(args.test_images, make)
     base = quality.COMMITTED_BASE
     served = Settings(_env_file=None, slice_height=quality.SLICE, slice_width=quality.SLICE)  # type: ignore[call-arg]
     base_score = quality.score(Detector.load(str(base), device="cpu"), quality.TAG, split,
@@ -182,7 +196,8 @@ def simulate(args: argparse.Namespace) -> int:
     ):
         runs = [
             pool.submit(quality.run_seed, seed, rounds, split, base, Path(tmp) / f"{strategy}-{seed}",
-                        overrides, base_score, args.pool, order(strategy, seed, args.warm_start))
+                        overrides, base_score, args.pool, order(strategy, seed, args.warm_start),
+                        make)
             for strategy, seed in plan
         ]  # fmt: skip
         for (strategy, _), run in zip(plan, runs, strict=True):
@@ -279,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                         choices=get_args(TaskScore), help="the scores compared with random")  # fmt: skip
     parser.add_argument("--warm-start", type=int, default=0, metavar="LABELS",
                         help="the first LABELS drawn at random for every order (the first round's)")  # fmt: skip
+    parser.add_argument("--subdomain-every", type=int, default=0, metavar="N",
+                        help="one scene in N (pool and test split) on another ground")  # fmt: skip
     parser.add_argument("--test-images", type=int, default=8)
     parser.add_argument("--max-steps", type=int, default=600, help="TRAIN_STEPS per job")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, one core each")

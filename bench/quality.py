@@ -67,10 +67,10 @@ class TestSplit:
     sizes: list[tuple[int, int]]
 
 
-def test_split(count: int) -> TestSplit:
+def test_split(count: int, make: Callable[[int], data.Scene] = data.target_scene) -> TestSplit:
     images, truths, sizes = [], [], []
     for seed in data.test_seeds(count):
-        scene = data.target_scene(seed)
+        scene = make(seed)
         images.append(np.array(scene.image))
         truths.append(
             (
@@ -182,11 +182,13 @@ def run_seed(
     base_score: dict[str, Any] | None = None,
     pool: int | None = None,
     choose: Chooser | None = None,
+    make: Callable[[int], data.Scene] = data.target_scene,
 ) -> list[dict[str, Any]]:
     """Rounds of labels for one seed; a row per round (round 0: the base, scored here
     unless ``base_score`` has its test-split scores already: the same for every seed).
 
-    The project holds ``pool`` tasks (default: as many as the last round labels). Each round
+    The project holds ``pool`` tasks (default: as many as the last round labels), drawn by
+    ``make`` from the project's seeds. Each round
     labels the tasks ``choose`` picks among the unlabelled ones with the live models, or the
     next ones in the project's order (its scenes are independent draws: a random order).
     """
@@ -213,7 +215,7 @@ def run_seed(
             settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
             registry = Registry.for_settings(settings, client)
             slicing = SliceConfig.from_settings(settings)
-            scenes = [data.target_scene(s) for s in data.project_seeds(seed, pool or max(rounds))]
+            scenes = [make(s) for s in data.project_seeds(seed, pool or max(rounds))]
             tasks = [fake.add_task(pid, {"image": fake.upload(pid, f"{i}.png", png(s))})
                      for i, s in enumerate(scenes)]  # fmt: skip
             bundle = project_bundle(settings, registry, str(pid))
