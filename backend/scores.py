@@ -2,11 +2,13 @@
 
 Every score is a confidence: higher means the models are surer of the task, 0 means
 nothing was found or the image failed. Sorting the data manager by *Prediction score*
-ascending therefore puts the tasks most worth labelling first, whichever score is chosen
-(``TASK_SCORE``, or ``task_score="..."`` on any tag of a project's labeling config):
+ascending therefore puts the tasks the models are least sure of first, whichever score is
+chosen (``TASK_SCORE``, or ``task_score="..."`` on any tag of a project's labeling config):
 
 * ``mean_confidence`` (the default): the mean score of everything suggested: the task as
-  a whole. On the learning benchmark its order follows the live model's errors best.
+  a whole. On the learning benchmark it is the one score whose order follows the live
+  model's errors (bench/README.md); that labelling in its order beats random order is
+  not shown there.
 * ``least_confidence``: the score of the least confident box or class suggested. One
   doubtful box makes the task doubtful; but on a task with a few boxes it sits just above
   the serving threshold, whatever the task, so it ranks poorly there.
