@@ -86,26 +86,22 @@ class ScoreOrder:
 
     method: TaskScore
 
-    def __call__(
-        self,
-        bundle: ModelBundle,
-        settings: Settings,
-        scenes: list[data.Scene],
-        unlabelled: list[int],
-        count: int,
-    ) -> list[int]:
-        served = settings.model_copy(update={"task_score": self.method})
-        predictor = Predictor(bundle, served, lambda url, _t: np.array(scenes[int(url)].image))
+    def __call__(self, now: quality.Round) -> list[int]:
+        served = now.settings.model_copy(update={"task_score": self.method})
+        predictor = Predictor(
+            now.bundle, served, lambda url, _t: np.array(now.scenes[int(url)].image)
+        )
         config = parse_label_config(data.LABEL_CONFIG)
         scored = []
         try:
-            for i in unlabelled:
+            for i in now.unlabelled:
                 inputs = ScoreInputs()
-                predictor.predict_image(np.array(scenes[i].image), config, "image", None, inputs)
+                image = np.array(now.scenes[i].image)
+                predictor.predict_image(image, config, "image", None, inputs)
                 scored.append((inputs.score(self.method), i))
         finally:
             predictor.close()
-        return [i for _, i in sorted(scored)[:count]]
+        return [i for _, i in sorted(scored)[: now.count]]
 
 
 @dataclass(frozen=True)
@@ -114,15 +110,9 @@ class RandomOrder:
 
     seed: int
 
-    def __call__(
-        self,
-        bundle: ModelBundle,
-        settings: Settings,
-        scenes: list[data.Scene],
-        unlabelled: list[int],
-        count: int,
-    ) -> list[int]:
-        return random.Random(self.seed * 100_003 + len(unlabelled)).sample(unlabelled, count)
+    def __call__(self, now: quality.Round) -> list[int]:
+        draw = random.Random(self.seed * 100_003 + len(now.unlabelled))
+        return draw.sample(now.unlabelled, now.count)
 
 
 @dataclass(frozen=True)
@@ -134,17 +124,9 @@ class WarmStart:
     seed: int
     then: quality.Chooser
 
-    def __call__(
-        self,
-        bundle: ModelBundle,
-        settings: Settings,
-        scenes: list[data.Scene],
-        unlabelled: list[int],
-        count: int,
-    ) -> list[int]:
-        first = len(scenes) - len(unlabelled) < self.labels
-        chooser = RandomOrder(self.seed) if first else self.then
-        return chooser(bundle, settings, scenes, unlabelled, count)
+    def __call__(self, now: quality.Round) -> list[int]:
+        first = len(now.scenes) - len(now.unlabelled) < self.labels
+        return (RandomOrder(self.seed) if first else self.then)(now)
 
 
 @dataclass(frozen=True)

@@ -54,9 +54,22 @@ from tests.fake_studio import FakeStudio
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED_BASE = ROOT / "tests" / "fixtures" / "models" / "source-base"
 TAG = parse_label_config(data.LABEL_CONFIG).rectangles[0]
-# Which unlabelled tasks (indices into the project's scenes) to label next, given the live
-# models: (bundle, settings, scenes, unlabelled, how many) -> indices.
-Chooser = Callable[[ModelBundle, Settings, list[data.Scene], list[int], int], list[int]]
+
+
+@dataclass(frozen=True)
+class Round:
+    """What a labelling round chooses from: the live models as served, the project's scenes,
+    the indices of those not labelled yet, and how many to label now."""
+
+    bundle: ModelBundle
+    settings: Settings
+    scenes: list[data.Scene]
+    unlabelled: list[int]
+    count: int
+
+
+# Which unlabelled tasks (indices into the project's scenes) to label next.
+Chooser = Callable[[Round], list[int]]
 SLICE = data.SOURCE_SIZE  # windows at the scale the base was trained at
 
 
@@ -227,7 +240,7 @@ def run_seed(
             labelled = 0
             for n in rounds:
                 picked = (
-                    choose(bundle, settings, scenes, unlabelled, n - labelled)
+                    choose(Round(bundle, settings, scenes, list(unlabelled), n - labelled))
                     if choose is not None
                     else unlabelled[: n - labelled]
                 )
