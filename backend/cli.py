@@ -182,7 +182,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
     live = registry.live(project)
     rows = []
     for version in registry.versions(project):
-        candidate = (version.meta.get("metrics") or {}).get("candidate") or {}
+        candidate = version.held_out
         rows.append(
             {
                 "version": version.name,

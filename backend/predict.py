@@ -1,10 +1,10 @@
 """The prediction pipeline: task -> image -> windows -> detector -> merge -> Label Studio results.
 
 Each task also gets a score (what Label Studio sorts and filters tasks by), computed as
-``scores.py`` says: by default the confidence of the *least* confident thing predicted for
-the task, 0 for a task where nothing was found. Sorting tasks by prediction score
-ascending puts the most uncertain tasks first, which is what an active-learning loop
-labels next; a task whose image failed also scores 0, so it is looked at.
+``scores.py`` says: by default the mean confidence of what was suggested for the task, 0
+for a task where nothing was found. Sorting tasks by prediction score ascending puts the
+most uncertain tasks first, which is what an active-learning loop labels next; a task
+whose image failed also scores 0, so it is looked at.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
+import torch
 from PIL import Image
 
 from label_studio_sahi import metrics, scores
@@ -62,6 +63,17 @@ class SliceConfig:
     class_agnostic: bool = False
     window_batch_size: int | None = None  # None: Detector.window_batch()
     native_windows: bool = False  # windows at their own size, not the processor's
+
+    def windows(self, height: int, width: int) -> torch.Tensor:
+        """``[N, 4]`` windows (x1, y1, x2, y2) an image of this size is cut into."""
+        return slice_windows(
+            height,
+            width,
+            self.slice_height,
+            self.slice_width,
+            self.overlap_height_ratio,
+            self.overlap_width_ratio,
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SliceConfig:
@@ -140,14 +152,7 @@ def sliced_passes(
     timings = timings or Timings()
     height, width = image.shape[:2]
     with timings.stage("slice"):
-        windows = slice_windows(
-            height,
-            width,
-            slicing.slice_height,
-            slicing.slice_width,
-            slicing.overlap_height_ratio,
-            slicing.overlap_width_ratio,
-        ).tolist()
+        windows = slicing.windows(height, width).tolist()
         crops = [image[y1:y2, x1:x2] for x1, y1, x2, y2 in windows]
     parts: list[Detections] = []
     step = slicing.window_batch_size or detector.window_batch()

@@ -64,6 +64,13 @@ class Version:
         """What Label Studio shows and compares: ``p<project>-v<N>``."""
         return model_version(self.project, self.name)
 
+    @property
+    def held_out(self) -> dict[str, Any]:
+        """The version's own held-out metrics (mAP, mAP@.5, small AP...), as its job
+        measured them; empty when it has none (an imported or older version)."""
+        metrics: dict[str, Any] = (self.meta.get(names.META_METRICS) or {}).get("candidate") or {}
+        return metrics
+
 
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)

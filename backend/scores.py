@@ -24,7 +24,6 @@ chosen (``TASK_SCORE``, or ``task_score="..."`` on any tag of a project's labeli
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import get_args
 
 import torch
 from torchvision.ops import box_iou
@@ -32,7 +31,6 @@ from torchvision.ops import box_iou
 from label_studio_sahi.settings import TaskScore
 from label_studio_sahi.slicing import Detections
 
-TASK_SCORES: tuple[str, ...] = get_args(TaskScore)
 MATCH_IOU = 0.5
 
 

@@ -32,12 +32,11 @@ from label_studio_sahi.predict import ModelBundle, Predictor, as_pixels
 from label_studio_sahi.queueing import job_state
 from label_studio_sahi.registry import Version, VersionNotFound
 from label_studio_sahi.service import Service
-from label_studio_sahi.slicing import slice_windows
 from label_studio_sahi.studio import StudioClient, project_id
 
 router = APIRouter()
 
-format_interval = tqdm.format_interval  # ETAs read as the command line's bar shows them
+format_interval = tqdm.format_interval  # an ETA as hours:minutes:seconds
 REFRESH_SECONDS = 5  # while a job waits or runs
 PREVIEW_MODELS = 2  # versions other than the live one kept loaded for previews
 METRICS_PLOT = "metrics.png"
@@ -79,7 +78,7 @@ def _age(created: str | None) -> str:
 
 
 def _version_row(project: str, version: Version, live: str | None) -> str:
-    candidate = (version.meta.get(names.META_METRICS) or {}).get("candidate") or {}
+    candidate = version.held_out
     dataset = version.meta.get("dataset") or {}
     is_live = version.name == live
     action = (
@@ -299,11 +298,7 @@ async def preview_image(request: Request, project: str) -> Response:
             result = predictor.predict_image(pixels, config, key)
         finally:
             predictor.close()
-        slicing = predictor.slicing
-        windows = slice_windows(
-            pixels.shape[0], pixels.shape[1], slicing.slice_height, slicing.slice_width,
-            slicing.overlap_height_ratio, slicing.overlap_width_ratio,
-        )  # fmt: skip
+        windows = predictor.slicing.windows(*pixels.shape[:2])
         boxes = [r for r in result if r.get("type") == "rectanglelabels"]
         labels = [label for tag in config.rectangles for label in tag.labels]
         caption = f"task {raw_task} · {name} ({bundle.version}) · {len(boxes)} boxes"

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from label_studio_sahi import names
 from label_studio_sahi.registry import Version
 
 PREVIEW_SIDE = 960  # px, the longer side of a preview: two fit side by side on a laptop
@@ -23,6 +22,7 @@ METRICS = (("map", "mAP"), ("map_50", "mAP@.5"), ("map_small", "mAP small"))
 PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6",
            "#bfef45", "#fabed4", "#469990")  # fmt: skip
 GRID = (255, 255, 255, 70)  # the slice grid, faint so that boxes stay readable
+CAPTION = 22  # px, the strip above a preview that names the task, version and boxes
 
 
 def metrics_plot(versions: Sequence[Version], live: str | None) -> bytes:
@@ -37,7 +37,7 @@ def metrics_plot(versions: Sequence[Version], live: str | None) -> bytes:
     ax = fig.add_subplot()
     xs = [v.number for v in ordered]
     for key, label in METRICS:
-        ys = [_candidate(v).get(key) for v in ordered]
+        ys = [v.held_out.get(key) for v in ordered]
         points = [(x, y) for x, y in zip(xs, ys, strict=True) if isinstance(y, int | float)]
         if not points:
             continue
@@ -65,10 +65,6 @@ def metrics_plot(versions: Sequence[Version], live: str | None) -> bytes:
     return out.getvalue()
 
 
-def _candidate(version: Version) -> dict[str, Any]:
-    return (version.meta.get(names.META_METRICS) or {}).get("candidate") or {}
-
-
 def preview(
     pixels: np.ndarray,
     result: Sequence[dict[str, Any]],
@@ -85,13 +81,14 @@ def preview(
     if scale < 1:
         image = image.resize((round(image.width * scale), round(image.height * scale)))
     width, height = image.size
-    canvas = Image.new("RGB", (width, height + 22), "white")
-    canvas.paste(image, (0, 22))
+    canvas = Image.new("RGB", (width, height + CAPTION), "white")
+    canvas.paste(image, (0, CAPTION))
     overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     grid = ImageDraw.Draw(overlay)
     for x1, y1, x2, y2 in windows.tolist():
         grid.rectangle(
-            (x1 * scale, 22 + y1 * scale, x2 * scale - 1, 22 + y2 * scale - 1), outline=GRID
+            (x1 * scale, CAPTION + y1 * scale, x2 * scale - 1, CAPTION + y2 * scale - 1),
+            outline=GRID,
         )
     canvas = Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB")
     draw = ImageDraw.Draw(canvas)
@@ -102,10 +99,10 @@ def preview(
             continue
         label = names_[0]
         colour = PALETTE[labels.index(label) % len(PALETTE)] if label in labels else "#ffffff"
-        x, y = value["x"] / 100 * width, 22 + value["y"] / 100 * height
+        x, y = value["x"] / 100 * width, CAPTION + value["y"] / 100 * height
         w, h = value["width"] / 100 * width, value["height"] / 100 * height
         draw.rectangle((x, y, x + w, y + h), outline=colour, width=2)
-        draw.text((x + 2, max(22, y - 11)), f"{label} {item.get('score', 0):.2f}", fill=colour)
+        draw.text((x + 2, max(CAPTION, y - 11)), f"{label} {item.get('score', 0):.2f}", fill=colour)
     draw.text((6, 5), caption, fill="black")
     out = io.BytesIO()
     canvas.save(out, "PNG")

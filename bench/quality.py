@@ -280,6 +280,16 @@ def run_seed(
     return rows
 
 
+def finetuned_base(seed: int, labels: int, split: TestSplit) -> Path:
+    """The committed base fine-tuned by the real job on ``labels`` labels of ``seed``'s
+    project (600 steps, as the CPU-sized rounds): its v1 detector folder, which the job
+    must have accepted."""
+    work = Path(tempfile.mkdtemp(prefix="ls-sahi-finetuned-"))
+    rows = run_seed(seed, [labels], split, COMMITTED_BASE, work, {"train_steps": 600})
+    assert rows[-1]["status"] == "accepted", rows[-1]
+    return next((work / f"models-{seed}").glob("projects/*/v1/detector"))
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"

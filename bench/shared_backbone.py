@@ -180,10 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     split = quality.test_split(args.test_images)
     base = quality.COMMITTED_BASE
     if args.finetuned:
-        work = Path(tempfile.mkdtemp(prefix="ls-sahi-shared-"))
-        rows = quality.run_seed(0, [args.finetuned], split, base, work, {"train_steps": 600})
-        assert rows[-1]["status"] == "accepted", rows[-1]
-        base = next((work / "models-0").glob("projects/*/v1/detector"))
+        base = quality.finetuned_base(0, args.finetuned, split)
     detector = Detector.load(str(base), device="cpu")
     stride = backbone_stride(detector)
     slicing = SliceConfig(slice_height=WINDOW, slice_width=WINDOW)
