@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import random
 import statistics
 import tempfile
@@ -174,7 +175,9 @@ def simulate(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     with (
         tempfile.TemporaryDirectory(prefix="ls-sahi-al-sim-") as tmp,
-        ProcessPoolExecutor(args.jobs) as pool,
+        # Spawned, not forked: a fork of a process with running threads (torch's, a test
+        # run's servers) can hang in the child.
+        ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool,
     ):
         runs = [
             pool.submit(quality.run_seed, seed, rounds, split, base, Path(tmp) / f"{strategy}-{seed}",
@@ -293,13 +296,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model = quality.COMMITTED_BASE
     if args.finetuned:
-        work = Path(tempfile.mkdtemp(prefix="ls-sahi-al-"))
-        split = quality.test_split(1)  # run_seed scores its live model on it; unused here
-        rows = quality.run_seed(
-            args.train_seed, [args.finetuned], split, model, work, {"train_steps": 600}
-        )
-        assert rows[-1]["status"] == "accepted", rows[-1]
-        model = next((work / f"models-{args.train_seed}").glob("projects/*/v1/detector"))
+        # run_seed scores its live model on a test split; one image, unused here.
+        model = quality.finetuned_base(args.train_seed, args.finetuned, quality.test_split(1))
     detector = Detector.load(str(model), device="cpu")
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
