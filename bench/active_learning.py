@@ -138,9 +138,11 @@ class SubDomain:
     every: int
     ground: tuple[int, int, int] = (62, 64, 66)
 
+    def other(self, seed: int) -> bool:
+        return seed % self.every == self.every - 1
+
     def __call__(self, seed: int) -> data.Scene:
-        other = seed % self.every == self.every - 1
-        return data.target_scene(seed, ground=self.ground if other else data.GROUND)
+        return data.target_scene(seed, ground=self.ground if self.other(seed) else data.GROUND)
 
 
 def order(strategy: str, seed: int, warm_start: int = 0) -> quality.Chooser:
@@ -150,9 +152,17 @@ def order(strategy: str, seed: int, warm_start: int = 0) -> quality.Chooser:
     return WarmStart(warm_start, seed, chosen) if warm_start else chosen
 
 
-def labels_to_reach(curve: list[dict[str, Any]], target: float) -> int | None:
-    """The fewest labels after which the live model's test mAP@.5 is at least ``target``."""
-    return next((r["labels"] for r in curve if r["map_50"] >= target - 1e-9), None)
+def labels_to_reach(points: list[tuple[int, float]], target: float) -> int | None:
+    """The fewest labels after which test mAP@.5 is at least ``target`` (points: labels, mAP)."""
+    return next((n for n, value in points if value >= target - 1e-9), None)
+
+
+# The curves a simulation can report: the row key of each round's test mAP@.5, and whose.
+CURVES = {
+    "map_50": "the live model (a rejected round leaves its parent live)",
+    "candidate_map_50": "the model trained on the labels so far (each round's candidate, "
+    "promoted or not)",
+}
 
 
 def simulate(args: argparse.Namespace) -> int:
@@ -182,12 +192,19 @@ def simulate(args: argparse.Namespace) -> int:
         runs = [
             pool.submit(quality.run_seed, seed, rounds, split, base, Path(tmp) / f"{strategy}-{seed}",
                         overrides, base_score, args.pool, order(strategy, seed, args.warm_start),
-                        make)
+                        make, args.judge_candidate)
             for strategy, seed in plan
         ]  # fmt: skip
-        for (strategy, _), run in zip(plan, runs, strict=True):
-            rows += [{"order": strategy, **row} for row in run.result()]
-            print(f"{strategy}: done", flush=True)
+        for (strategy, seed), run in zip(plan, runs, strict=True):
+            for row in run.result():
+                if args.subdomain_every and "picked" in row:
+                    # How many of the round's picks were on the other ground.
+                    scene_seeds = data.project_seeds(seed, args.pool)
+                    row["picked_other"] = sum(
+                        SubDomain(args.subdomain_every).other(scene_seeds[i]) for i in row["picked"]
+                    )
+                rows.append({"order": strategy, **row})
+            print(f"{strategy} {seed}: done", flush=True)
     print(f"simulation wall time {time.monotonic() - started:.0f} s\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "simulation.json").write_text(json.dumps(rows, indent=2, default=str))
@@ -195,51 +212,78 @@ def simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _value(row: dict[str, Any], key: str) -> float:
+    # Round 0 is the base: no candidate, its own score.
+    return float(row["map_50"] if row["labels"] == 0 else row[key])
+
+
 def report(rows: list[dict[str, Any]], out: Path) -> None:
     """The simulation's tables and plot from its rows (``--report simulation.json`` again)."""
     strategies = list(dict.fromkeys(r["order"] for r in rows))
     seeds = sorted({r["seed"] for r in rows})
-    print("| order | seed | labels | status | version | map | map_50 | accept | edit |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    keys = [k for k in CURVES if all(k in r for r in rows if r["labels"] > 0)]
+    print("| order | seed | labels | status | version | map | map_50 | accept | edit "
+          "| candidate map_50 | picked on the other ground |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        cand = r.get("candidate_map_50")
         print(f"| {r['order']} | {r['seed']} | {r['labels']} | {r['status']} | {r['version']} "
-              f"| {r['map']:.3f} | {r['map_50']:.3f} | {r['accept']:.3f} | {r['edit']:.1f} |")  # fmt: skip
+              f"| {r['map']:.3f} | {r['map_50']:.3f} | {r['accept']:.3f} | {r['edit']:.1f} "
+              f"| {'-' if cand is None else f'{cand:.3f}'} | {r.get('picked_other', '-')} |")  # fmt: skip
     curves: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
         curves.setdefault((r["order"], r["seed"]), []).append(r)
-    print("\nLabels to reach random order's final test mAP@.5 (per seed), and their share of "
-          "the labels random order needed to get there:\n")  # fmt: skip
-    print("| order | " + " | ".join(f"seed {s}" for s in seeds) + " | median share |")
-    print("|---|" + "---|" * (len(seeds) + 1))
-    for strategy in strategies:
-        cells, shares = [], []
-        for seed in seeds:
-            target = curves["random", seed][-1]["map_50"]
-            need_random = labels_to_reach(curves["random", seed], target)
-            need = labels_to_reach(curves[strategy, seed], target)
-            share = None if need is None or not need_random else need / need_random
-            shares.append(share if share is not None else float("inf"))
-            cells.append(f"{need if need is not None else 'not reached'} of {need_random}"
-                         f" ({'-' if share is None else f'{share:.0%}'})")  # fmt: skip
-        median = statistics.median(shares)
-        shown = "-" if median == float("inf") else f"{median:.0%}"
-        print(f"| {strategy} | " + " | ".join(cells) + f" | {shown} |")
-    # The whole curve, not one crossing: mean test mAP@.5 over the labelled rounds.
-    print("\nMean test mAP@.5 over the rounds after the base (the area under the curve):\n")
-    print("| order | " + " | ".join(f"seed {s}" for s in seeds) + " | median |")
-    print("|---|" + "---|" * (len(seeds) + 1))
-    for strategy in strategies:
-        means = [
-            statistics.fmean(r["map_50"] for r in curves[strategy, seed] if r["labels"] > 0)
-            for seed in seeds
-        ]
-        cells = [f"{m:.3f}" for m in means]
-        print(f"| {strategy} | " + " | ".join(cells) + f" | {statistics.median(means):.3f} |")
-    plot(rows, strategies, seeds, out / "active_learning.png")
-    print(f"\nwrote {out / 'active_learning.png'}")
+    for key in keys:
+        print(f"\n### Test mAP@.5 of {CURVES[key]}\n")
+        median_curves = {}
+        print("| order | " + " | ".join(str(r["labels"]) for r in curves["random", seeds[0]])
+              + " | mean over rounds (median of seeds) |")  # fmt: skip
+        print("|---|" + "---|" * (len(curves["random", seeds[0]]) + 1))
+        for strategy in strategies:
+            labels = [r["labels"] for r in curves[strategy, seeds[0]]]
+            median_curves[strategy] = [
+                (n, statistics.median(_value(curves[strategy, s][i], key) for s in seeds))
+                for i, n in enumerate(labels)
+            ]
+            # The whole curve, not one crossing: mean test mAP@.5 over the labelled rounds.
+            area = statistics.median(
+                statistics.fmean(_value(r, key) for r in curves[strategy, s] if r["labels"] > 0)
+                for s in seeds
+            )
+            print(f"| {strategy} | " + " | ".join(f"{v:.3f}" for _, v in median_curves[strategy])
+                  + f" | {area:.3f} |")  # fmt: skip
+        print("\nLabels to reach random order's final test mAP@.5, and their share of the "
+              "labels random order needed to get there (per seed, and on the median curves):\n")  # fmt: skip
+        print("| order | " + " | ".join(f"seed {s}" for s in seeds) + " | median curves |")
+        print("|---|" + "---|" * (len(seeds) + 1))
+        for strategy in strategies:
+            cells = []
+            for seed in seeds:
+                points = {o: [(r["labels"], _value(r, key)) for r in curves[o, seed]]
+                          for o in ("random", strategy)}  # fmt: skip
+                cells.append(_reach(points["random"], points[strategy]))
+            cells.append(_reach(median_curves["random"], median_curves[strategy]))
+            print(f"| {strategy} | " + " | ".join(cells) + " |")
+    for key in keys:
+        name = "active_learning.png" if key == "map_50" else f"active_learning_{key}.png"
+        plot(rows, strategies, seeds, out / name, key)
+        print(f"\nwrote {out / name}")
 
 
-def plot(rows: list[dict[str, Any]], strategies: list[str], seeds: list[int], path: Path) -> None:
+def _reach(random_curve: list[tuple[int, float]], curve: list[tuple[int, float]]) -> str:
+    """ "N of M (share)": the labels ``curve`` needs to reach random's final value, of the M
+    random needed."""
+    target = random_curve[-1][1]
+    need_random = labels_to_reach(random_curve, target)
+    need = labels_to_reach(curve, target)
+    share = None if need is None or not need_random else need / need_random
+    return (f"{need if need is not None else 'not reached'} of {need_random}"
+            f" ({'-' if share is None else f'{share:.0%}'})")  # fmt: skip
+
+
+def plot(
+    rows: list[dict[str, Any]], strategies: list[str], seeds: list[int], path: Path, key: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,12 +293,13 @@ def plot(rows: list[dict[str, Any]], strategies: list[str], seeds: list[int], pa
     for strategy in strategies:
         mine = [r for r in rows if r["order"] == strategy]
         xs = sorted({r["labels"] for r in mine})
-        ys = [statistics.median(r["map_50"] for r in mine if r["labels"] == n) for n in xs]
+        ys = [statistics.median(_value(r, key) for r in mine if r["labels"] == n) for n in xs]
         style = {"color": "black", "linestyle": "--"} if strategy == "random" else {}
         ax.plot(xs, ys, marker="o", label=strategy, **style)  # type: ignore[arg-type]
     ax.set_xlabel("labelled images")
     ax.set_ylabel(f"test mAP@.5 (median of {len(seeds)} seeds)")
-    ax.set_title("Active learning: labelling order through the real job")
+    whose = "live model" if key == "map_50" else "model trained on the labels so far"
+    ax.set_title(f"Labelling order through the real job: {whose}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -281,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the first LABELS drawn at random for every order (the first round's)")  # fmt: skip
     parser.add_argument("--subdomain-every", type=int, default=0, metavar="N",
                         help="one scene in N (pool and test split) on another ground")  # fmt: skip
+    parser.add_argument("--judge-candidate", action="store_true",
+                        help="also score each round's candidate on the test split (promoted or not)")  # fmt: skip
     parser.add_argument("--test-images", type=int, default=8)
     parser.add_argument("--max-steps", type=int, default=600, help="TRAIN_STEPS per job")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once, one core each")

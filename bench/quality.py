@@ -39,6 +39,7 @@ import torch
 from torchvision.ops import box_iou
 
 from bench import quality_data as data
+from label_studio_sahi import names
 from label_studio_sahi.detector import Detector
 from label_studio_sahi.labeling import parse_label_config
 from label_studio_sahi.models import project_bundle
@@ -196,9 +197,14 @@ def run_seed(
     pool: int | None = None,
     choose: Chooser | None = None,
     make: Callable[[int], data.Scene] = data.target_scene,
+    judge_candidate: bool = False,
 ) -> list[dict[str, Any]]:
     """Rounds of labels for one seed; a row per round (round 0: the base, scored here
     unless ``base_score`` has its test-split scores already: the same for every seed).
+
+    With ``judge_candidate`` each row also has the test-split scores of the round's
+    candidate (``candidate_map_50`` ...): the model trained on the labels so far, whether
+    or not the gate promoted it (the live model's when it did).
 
     The project holds ``pool`` tasks (default: as many as the last round labels), drawn by
     ``make`` from the project's seeds. Each round
@@ -258,6 +264,16 @@ def run_seed(
                 assert bundle.detector is not None
                 version = registry.get(str(pid), summary["version"])
                 steps = len(version.meta["curves"].get("detector", []))
+                live_score = score(bundle.detector, tag, split, slicing, settings.score_threshold)
+                judged: dict[str, Any] = {}
+                if judge_candidate:
+                    candidate_score = (
+                        live_score
+                        if summary["status"] == "accepted"
+                        else score(Detector.load(str(version.path / names.DETECTOR_DIR), device="cpu"),
+                                   tag, split, slicing, settings.score_threshold)
+                    )  # fmt: skip
+                    judged = {f"candidate_{k}": v for k, v in candidate_score.items()}
                 rows.append(
                     {
                         "seed": seed,
@@ -271,7 +287,9 @@ def run_seed(
                         "heldout_candidate": summary["metrics"]["candidate"]["map_50"],
                         "heldout_live": summary["metrics"]["live"]["map_50"],
                         "why": version.meta.get("decision", {}).get("detector", {}).get("why"),
-                        **score(bundle.detector, tag, split, slicing, settings.score_threshold),
+                        "picked": sorted(picked),
+                        **live_score,
+                        **judged,
                     }
                 )
                 print(_row(rows[-1]), flush=True)

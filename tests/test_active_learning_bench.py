@@ -60,7 +60,7 @@ def test_a_tiny_simulation_labels_rounds_through_the_real_job(tmp_path: Path) ->
     code = active_learning.main(
         ["--simulate", "--seeds", "0", "--pool", "4", "--rounds", "2", "4", "--warm-start",
          "2", "--max-steps", "10", "--test-images", "1", "--orders", "mean_confidence",
-         "--out", str(out)]
+         "--judge-candidate", "--subdomain-every", "2", "--out", str(out)]
     )  # fmt: skip
     assert code == 0
     rows = json.loads((out / "simulation.json").read_text())
@@ -70,8 +70,18 @@ def test_a_tiny_simulation_labels_rounds_through_the_real_job(tmp_path: Path) ->
         assert mine[0]["status"] == "base"
         assert all(r["status"] in {"accepted", "rejected"} for r in mine[1:])
         assert all(0 <= r["map_50"] <= 1 for r in mine)
+        # Each round's candidate is scored too; a promoted one is the live model.
+        for r in mine[1:]:
+            assert 0 <= r["candidate_map_50"] <= 1
+            if r["status"] == "accepted":
+                assert r["candidate_map_50"] == r["map_50"]
+        # Every task labelled once; with one scene in 2 on the other ground, 2 of the 4.
+        assert sorted(mine[1]["picked"] + mine[2]["picked"]) == [0, 1, 2, 3]
+        assert mine[1]["picked_other"] + mine[2]["picked_other"] == 2
     # The warm start labels the same 2 tasks first for both orders: the same first model.
-    first = [r["map_50"] for r in rows if r["labels"] == 2]
-    assert first[0] == first[1]
+    first = [r for r in rows if r["labels"] == 2]
+    assert first[0]["picked"] == first[1]["picked"]
+    assert first[0]["map_50"] == first[1]["map_50"]
     assert (out / "active_learning.png").stat().st_size > 5000
+    assert (out / "active_learning_candidate_map_50.png").stat().st_size > 5000
     assert active_learning.main(["--report", str(out / "simulation.json")]) == 0
