@@ -12,6 +12,10 @@ chosen (``TASK_SCORE``, or ``task_score="..."`` on any tag of a project's labeli
 * ``least_confidence``: the score of the least confident box or class suggested. One
   doubtful box makes the task doubtful; but on a task with a few boxes it sits just above
   the serving threshold, whatever the task, so it ranks poorly there.
+* ``total_uncertainty``: 1 / (1 + the sum of (1 - score) over everything suggested). The
+  sum is about how many suggestions are wrong, so the task with the most to correct comes
+  first: many doubtful boxes make a task doubtful, where the mean would call a crowded
+  task and a sparse one of the same doubt alike.
 * ``margin``: the smallest gap, over the boxes and class suggestions, between the best
   class probability and the second best. A small gap is a model torn between two
   labels (a truck or a car?), even when both are likely.
@@ -49,6 +53,8 @@ def task_score(
         return 0.0
     if method == "mean_confidence":
         return sum(values) / len(values)
+    if method == "total_uncertainty":
+        return 1 / (1 + sum(1 - v for v in values))
     return min(values)
 
 

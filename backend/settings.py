@@ -26,7 +26,9 @@ MatchMetric = Literal["IOU", "IOS"]
 # PyTorch on CUDA.
 Engine = Literal["auto", "torch", "onnxruntime"]
 # What a task's prediction score measures (scores.py says how each is computed).
-TaskScore = Literal["least_confidence", "margin", "mean_confidence", "disagreement"]
+TaskScore = Literal[
+    "least_confidence", "margin", "mean_confidence", "total_uncertainty", "disagreement"
+]
 
 
 class Settings(BaseSettings):
@@ -110,8 +112,8 @@ class Settings(BaseSettings):
     task_score: TaskScore = Field(
         "mean_confidence",
         description="What a task's prediction score measures: `mean_confidence`, "
-        "`least_confidence`, `margin` or `disagreement` (a labeling config's task_score "
-        "attribute wins).",
+        "`least_confidence`, `margin`, `total_uncertainty` or `disagreement` (a labeling "
+        "config's task_score attribute wins).",
     )
     classifier_top_k: int = Field(
         1, ge=1, description="Choices suggested for multiple-choice tags."

@@ -52,8 +52,31 @@ from label_studio_sahi.predict import ModelBundle, Predictor, ScoreInputs, Slice
 from label_studio_sahi.settings import Settings, TaskScore
 
 
-def f1_error(result: list[dict], truth: tuple[list, list], width: int, height: int) -> float:
-    """1 - F1 of a task's suggested boxes against its true boxes (IoU >= 0.5, same label)."""
+@dataclass(frozen=True)
+class TaskErrors:
+    """A task's suggested boxes against its true ones: how many matched (IoU >= 0.5, same
+    label, surest first), of how many suggested and how many true."""
+
+    matched: int
+    suggested: int
+    true: int
+
+    @property
+    def error(self) -> float:
+        """1 - F1: the share of the task the model got wrong (0 when both are empty)."""
+        total = self.suggested + self.true
+        return 1 - 2 * self.matched / total if total else 0.0
+
+    @property
+    def corrections(self) -> int:
+        """Boxes the annotator deletes or draws: the wrong suggestions and the misses."""
+        return self.suggested + self.true - 2 * self.matched
+
+
+def task_errors(
+    result: list[dict], truth: tuple[list, list], width: int, height: int
+) -> TaskErrors:
+    """Match a task's suggested boxes (Label Studio results) to its true boxes."""
     boxes, labels = truth
     pred = [
         (
@@ -65,10 +88,8 @@ def f1_error(result: list[dict], truth: tuple[list, list], width: int, height: i
         )
         for r in result
     ]  # fmt: skip
-    if not pred and not boxes:
-        return 0.0
     if not pred or not boxes:
-        return 1.0
+        return TaskErrors(0, len(pred), len(boxes))
     iou = box_iou(torch.tensor([p[0] for p in pred]), torch.tensor(boxes, dtype=torch.float32))
     taken: set[int] = set()
     for i in sorted(range(len(pred)), key=lambda i: -pred[i][2]):
@@ -76,7 +97,7 @@ def f1_error(result: list[dict], truth: tuple[list, list], width: int, height: i
         best = max(free, key=lambda j: float(iou[i, j]), default=None)
         if best is not None and float(iou[i, best]) >= 0.5:
             taken.add(best)
-    return 1 - 2 * len(taken) / (len(pred) + len(boxes))
+    return TaskErrors(len(taken), len(pred), len(boxes))
 
 
 @dataclass(frozen=True)
@@ -361,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     assert SliceConfig.from_settings(settings) == predictor.slicing
     methods: tuple[TaskScore, ...] = get_args(TaskScore)
     by_method: dict[str, list[float]] = {m: [] for m in methods}
-    errors = []
+    errors: list[TaskErrors] = []
     for i, scene in enumerate(pool):
         inputs = ScoreInputs()
         result = predictor.predict_image(images[i], config, "image", None, inputs)
@@ -369,19 +390,33 @@ def main(argv: list[str] | None = None) -> int:
             [list(b) for b in scene.boxes],
             [data.LABELS.index(data.LABEL_OF[c]) for c in scene.classes],
         )
-        errors.append(f1_error(result, truth, scene.image.width, scene.image.height))
+        errors.append(task_errors(result, truth, scene.image.width, scene.image.height))
         for method in methods:
             by_method[method].append(inputs.score(method))
     predictor.close()
 
-    print(
-        f"model {model}; {len(pool)} tasks; median error (1 - F1) {statistics.median(errors):.3f}"
-    )
-    print("\n| score | Spearman rho (uncertainty vs error) | p |")
-    print("|---|---|---|")
+    error = [e.error for e in errors]
+    fixes = [e.corrections for e in errors]
+    lowest = max(1, len(pool) // 4)
+    print(f"model {model}; {len(pool)} tasks; median error (1 - F1) {statistics.median(error):.3f}; "
+          f"{statistics.fmean(fixes):.2f} corrections per task")  # fmt: skip
+    print("\nSpearman's rho between each score's uncertainty (1 - score) and the task's error "
+          "(1 - F1) and its corrections (boxes to delete or draw); and what the "
+          f"{lowest} tasks the score lists first hold, against all {len(pool)}:\n")  # fmt: skip
+    print("| score | rho vs error | p | rho vs corrections | p | their error | their corrections "
+          "| their objects |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| (all tasks) | | | | | {statistics.fmean(error):.3f} | {statistics.fmean(fixes):.2f} "
+          f"| {statistics.fmean(e.true for e in errors):.2f} |")  # fmt: skip
     for method, values in by_method.items():
-        rho, p = spearmanr([1 - v for v in values], errors)
-        print(f"| {method} | {rho:+.3f} | {p:.3g} |")
+        doubt = [1 - v for v in values]
+        rho, p = spearmanr(doubt, error)
+        rho_fix, p_fix = spearmanr(doubt, fixes)
+        first = [errors[i] for i in sorted(range(len(pool)), key=lambda i: values[i])[:lowest]]
+        print(f"| {method} | {rho:+.3f} | {p:.3g} | {rho_fix:+.3f} | {p_fix:.3g} "
+              f"| {statistics.fmean(e.error for e in first):.3f} "
+              f"| {statistics.fmean(e.corrections for e in first):.2f} "
+              f"| {statistics.fmean(e.true for e in first):.2f} |")  # fmt: skip
     return 0
 
 

@@ -85,3 +85,24 @@ def test_a_tiny_simulation_labels_rounds_through_the_real_job(tmp_path: Path) ->
     assert (out / "active_learning.png").stat().st_size > 5000
     assert (out / "active_learning_candidate_map_50.png").stat().st_size > 5000
     assert active_learning.main(["--report", str(out / "simulation.json")]) == 0
+
+
+def test_a_tasks_errors_count_what_the_annotator_deletes_and_draws() -> None:
+    def box(x1: float, y1: float, x2: float, y2: float, label: str, score: float) -> dict:
+        # Label Studio's percent units on a 200 x 100 image.
+        return {"score": score, "value": {"x": x1 / 2, "y": y1, "width": (x2 - x1) / 2,
+                                          "height": y2 - y1, "rectanglelabels": [label]}}  # fmt: skip
+
+    truth = ([[0, 0, 20, 20], [100, 50, 120, 70], [150, 0, 170, 10]], [0, 0, 1])
+    suggested = [
+        box(0, 0, 20, 20, "Vehicle", 0.9),  # right
+        box(1, 1, 21, 21, "Vehicle", 0.8),  # a second box on a taken object: wrong
+        box(100, 50, 120, 70, "Lorry", 0.7),  # right place, wrong label: wrong, and a miss
+    ]
+    errors = active_learning.task_errors(suggested, truth, 200, 100)
+    assert (errors.matched, errors.suggested, errors.true) == (1, 3, 3)
+    assert errors.corrections == 2 + 2  # two boxes to delete, two to draw
+    assert errors.error == pytest.approx(1 - 2 * 1 / 6)
+    nothing = active_learning.task_errors([], ([], []), 200, 100)
+    assert (nothing.error, nothing.corrections) == (0.0, 0)
+    assert active_learning.task_errors([], truth, 200, 100).error == 1.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pytest
@@ -18,6 +18,7 @@ from label_studio_sahi.errors import LabelConfigError
 from label_studio_sahi.labeling import parse_label_config
 from label_studio_sahi.predict import ModelBundle, Predictor, merge_passes, sliced_passes
 from label_studio_sahi.scores import agreement, task_score
+from label_studio_sahi.settings import TaskScore
 from label_studio_sahi.slicing import Detections
 
 BOXES = (
@@ -37,8 +38,10 @@ def test_each_method_reduces_the_items_as_documented() -> None:
     assert task_score("least_confidence", scores, margins) == 0.4
     assert task_score("margin", scores, margins) == 0.05
     assert task_score("mean_confidence", scores, margins) == pytest.approx(0.7)
+    # 1 / (1 + 0.1 + 0.6 + 0.2): about one suggestion in doubt.
+    assert task_score("total_uncertainty", scores, margins) == pytest.approx(1 / 1.9)
     assert task_score("disagreement", scores, margins, agreement=0.25) == 0.25
-    for method in ("least_confidence", "margin", "mean_confidence"):
+    for method in ("least_confidence", "margin", "mean_confidence", "total_uncertainty"):
         assert task_score(method, [], []) == 0.0  # nothing found: look at it
     assert task_score("disagreement", [], [], agreement=None) == 1.0  # one view: no conflict
 
@@ -96,13 +99,15 @@ def test_the_task_score_is_the_chosen_methods_over_the_suggested_boxes(
     config = parse_label_config(BOXES.format(attr=""))
     task = {"id": 1, "data": {"image": "scene.png"}}
     by_method = {}
-    for method in ("least_confidence", "margin", "mean_confidence", "disagreement"):
+    for method in get_args(TaskScore):
         answer = predictor(bundle, scene, task_score=method).predict_task(task, config)
         assert answer.error is None and answer.result
         by_method[method] = answer
     box_scores = [r["score"] for r in by_method["least_confidence"].result]
     assert by_method["least_confidence"].score == pytest.approx(min(box_scores))
     assert by_method["mean_confidence"].score == pytest.approx(sum(box_scores) / len(box_scores))
+    doubt = sum(1 - s for s in box_scores)
+    assert by_method["total_uncertainty"].score == pytest.approx(1 / (1 + doubt))
     assert 0.0 <= by_method["margin"].score <= by_method["least_confidence"].score + 1e-6
     # Disagreement from the two passes themselves, at the serving threshold.
     slicing = predictor(bundle, scene).slicing
