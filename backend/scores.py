@@ -5,17 +5,18 @@ nothing was found or the image failed. Sorting the data manager by *Prediction s
 ascending therefore puts the tasks the models are least sure of first, whichever score is
 chosen (``TASK_SCORE``, or ``task_score="..."`` on any tag of a project's labeling config):
 
-* ``mean_confidence`` (the default): the mean score of everything suggested: the task as
-  a whole. On the learning benchmark it is the one score whose order follows the live
-  model's errors (bench/README.md); that labelling in its order beats random order is
-  not shown there.
+* ``total_uncertainty`` (the default): 1 / (1 + the sum of (1 - score) over everything
+  suggested). The sum is about how many suggestions are wrong, so the task with the most
+  to correct comes first: a label is worth what the annotator corrects in it. On the
+  learning benchmark its order follows the corrections a task needs (boxes to delete or
+  draw) far better than any other score's (bench/README.md).
+* ``mean_confidence``: the mean score of everything suggested: the task as a whole. Its
+  order follows the live model's error *rate* (1 - F1), but a crowded task and a sparse
+  one of the same doubt score alike, and labelling in its order was no better than
+  random order on the benchmark.
 * ``least_confidence``: the score of the least confident box or class suggested. One
   doubtful box makes the task doubtful; but on a task with a few boxes it sits just above
   the serving threshold, whatever the task, so it ranks poorly there.
-* ``total_uncertainty``: 1 / (1 + the sum of (1 - score) over everything suggested). The
-  sum is about how many suggestions are wrong, so the task with the most to correct comes
-  first: many doubtful boxes make a task doubtful, where the mean would call a crowded
-  task and a sparse one of the same doubt alike.
 * ``margin``: the smallest gap, over the boxes and class suggestions, between the best
   class probability and the second best. A small gap is a model torn between two
   labels (a truck or a car?), even when both are likely.

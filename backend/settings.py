@@ -110,9 +110,9 @@ class Settings(BaseSettings):
         description="Drop boxes below this score (a tag's model_score_threshold wins).",
     )
     task_score: TaskScore = Field(
-        "mean_confidence",
-        description="What a task's prediction score measures: `mean_confidence`, "
-        "`least_confidence`, `margin`, `total_uncertainty` or `disagreement` (a labeling "
+        "total_uncertainty",
+        description="What a task's prediction score measures: `total_uncertainty`, "
+        "`mean_confidence`, `least_confidence`, `margin` or `disagreement` (a labeling "
         "config's task_score attribute wins).",
     )
     classifier_top_k: int = Field(

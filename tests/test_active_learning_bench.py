@@ -40,7 +40,8 @@ def test_a_score_order_is_the_data_manager_sorted_by_the_served_score(
     predictor.close()
     assert len(set(served)) > 1, served  # a real ranking, not a tie kept in task order
     ascending = sorted(pool.unlabelled, key=lambda i: (served[i], i))
-    assert active_learning.ScoreOrder("mean_confidence")(pool) == ascending[: pool.count]
+    default = pool.settings.task_score
+    assert active_learning.ScoreOrder(default)(pool) == ascending[: pool.count]
 
 
 def test_random_order_and_the_warm_start_are_seeded_draws(pool: quality.Round) -> None:

@@ -111,9 +111,9 @@ def test_predict_returns_boxes_and_choices_in_label_studio_format(
             hits += 1
     assert hits >= len(scene.boxes) // 2
     assert choices and choices[0]["value"]["choices"] == ["Street"]  # grey background
-    # The task score is the default one, mean_confidence: the mean of what was suggested.
+    # The task score is the default one, total_uncertainty: 1 / (1 + the summed doubt).
     items = [r["score"] for r in prediction["result"]]
-    assert prediction["score"] == pytest.approx(sum(items) / len(items))
+    assert prediction["score"] == pytest.approx(1 / (1 + sum(1 - s for s in items)))
 
 
 def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
