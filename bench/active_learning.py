@@ -217,20 +217,26 @@ def simulate(args: argparse.Namespace) -> int:
             for strategy, seed in plan
         ]  # fmt: skip
         for (strategy, seed), run in zip(plan, runs, strict=True):
-            for row in run.result():
-                if args.subdomain_every and "picked" in row:
-                    # How many of the round's picks were on the other ground.
-                    scene_seeds = data.project_seeds(seed, args.pool)
-                    row["picked_other"] = sum(
-                        SubDomain(args.subdomain_every).other(scene_seeds[i]) for i in row["picked"]
-                    )
-                rows.append({"order": strategy, **row})
+            rows += [{"order": strategy, **describe_picks(row, args)} for row in run.result()]
             print(f"{strategy} {seed}: done", flush=True)
     print(f"simulation wall time {time.monotonic() - started:.0f} s\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "simulation.json").write_text(json.dumps(rows, indent=2, default=str))
     report(rows, args.out)
     return 0
+
+
+def describe_picks(row: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """A round's row with what its picks hold: their true objects (what the annotator
+    draws) and, with ``--subdomain-every``, how many were on the other ground."""
+    if "picked" not in row:
+        return row
+    make = SubDomain(args.subdomain_every) if args.subdomain_every else data.target_scene
+    scene_seeds = [data.project_seeds(row["seed"], args.pool)[i] for i in row["picked"]]
+    row["picked_objects"] = sum(len(make(s).boxes) for s in scene_seeds)
+    if args.subdomain_every:
+        row["picked_other"] = sum(SubDomain(args.subdomain_every).other(s) for s in scene_seeds)
+    return row
 
 
 def _value(row: dict[str, Any], key: str) -> float:
@@ -244,13 +250,24 @@ def report(rows: list[dict[str, Any]], out: Path) -> None:
     seeds = sorted({r["seed"] for r in rows})
     keys = [k for k in CURVES if all(k in r for r in rows if r["labels"] > 0)]
     print("| order | seed | labels | status | version | map | map_50 | accept | edit "
-          "| candidate map_50 | picked on the other ground |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| candidate map_50 | objects in the picks | picks on the other ground |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cand = r.get("candidate_map_50")
         print(f"| {r['order']} | {r['seed']} | {r['labels']} | {r['status']} | {r['version']} "
               f"| {r['map']:.3f} | {r['map_50']:.3f} | {r['accept']:.3f} | {r['edit']:.1f} "
-              f"| {'-' if cand is None else f'{cand:.3f}'} | {r.get('picked_other', '-')} |")  # fmt: skip
+              f"| {'-' if cand is None else f'{cand:.3f}'} | {r.get('picked_objects', '-')} "
+              f"| {r.get('picked_other', '-')} |")  # fmt: skip
+    print("\nWhat each order labelled (all seeds, every round): true objects per labelled task, "
+          "and the share of tasks on the other ground:\n")  # fmt: skip
+    print("| order | objects per task | on the other ground |")
+    print("|---|---|---|")
+    for strategy in strategies:
+        picks = [r for r in rows if r["order"] == strategy and "picked_objects" in r]
+        tasks = sum(len(r["picked"]) for r in picks)
+        other = [r["picked_other"] for r in picks if "picked_other" in r]
+        print(f"| {strategy} | {sum(r['picked_objects'] for r in picks) / max(1, tasks):.2f} "
+              f"| {f'{sum(other) / tasks:.0%}' if other else '-'} |")  # fmt: skip
     curves: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
         curves.setdefault((r["order"], r["seed"]), []).append(r)

@@ -79,6 +79,9 @@ def test_a_tiny_simulation_labels_rounds_through_the_real_job(tmp_path: Path) ->
         # Every task labelled once; with one scene in 2 on the other ground, 2 of the 4.
         assert sorted(mine[1]["picked"] + mine[2]["picked"]) == [0, 1, 2, 3]
         assert mine[1]["picked_other"] + mine[2]["picked_other"] == 2
+        scenes = [active_learning.SubDomain(2)(s) for s in data.project_seeds(0, 4)]
+        objects = sum(len(scene.boxes) for scene in scenes)
+        assert mine[1]["picked_objects"] + mine[2]["picked_objects"] == objects
     # The warm start labels the same 2 tasks first for both orders: the same first model.
     first = [r for r in rows if r["labels"] == 2]
     assert first[0]["picked"] == first[1]["picked"]
