@@ -2,9 +2,9 @@
 
 Each task also gets a score (what Label Studio sorts and filters tasks by), computed as
 ``scores.py`` says: by default 1 / (1 + the summed doubt of what was suggested for the
-task), 0 for a task where nothing was found. Sorting tasks by prediction score ascending puts the
-most uncertain tasks first, which is what an active-learning loop labels next; a task
-whose image failed also scores 0, so it is looked at.
+task), 0 for a task where nothing was found. Sorting tasks by prediction score ascending
+puts the most uncertain tasks first, which is what an active-learning loop labels next; a
+task whose image failed also scores 0, so it is looked at.
 """
 
 from __future__ import annotations
