@@ -20,9 +20,11 @@ windows, fine-tune, gate, publish), in the order each score proposes or at rando
 round the live models predict the unlabelled tasks as served, and the tasks Label Studio
 lists first when sorted by prediction score ascending are labelled; random order draws
 them (seeded). After each round the live model is scored on the learning benchmark's fixed
-test split. Prints the rows, the median curve per order and, per score, the labels it
-needs to reach random order's final test mAP@.5, as a share of the labels random order
-needed to get there; plots test mAP@.5 against labels.
+test split (``--judge-candidate``: each round's candidate too, the model trained on the
+labels so far whether or not the gate promoted it). Prints the rows with what each round's
+picks hold, the median curve per order and, per score, the labels it needs to reach random
+order's final test mAP@.5, as a share of the labels random order needed to get there (per
+seed and on the median curves); plots test mAP@.5 against labels.
 """
 
 from __future__ import annotations
