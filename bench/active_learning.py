@@ -219,26 +219,18 @@ def simulate(args: argparse.Namespace) -> int:
             for strategy, seed in plan
         ]  # fmt: skip
         for (strategy, seed), run in zip(plan, runs, strict=True):
-            rows += [{"order": strategy, **describe_picks(row, args)} for row in run.result()]
+            for row in run.result():
+                if isinstance(make, SubDomain) and "picked" in row:
+                    # How many of the round's picks were on the other ground.
+                    scene_seeds = data.project_seeds(seed, args.pool)
+                    row["picked_other"] = sum(make.other(scene_seeds[i]) for i in row["picked"])
+                rows.append({"order": strategy, **row})
             print(f"{strategy} {seed}: done", flush=True)
     print(f"simulation wall time {time.monotonic() - started:.0f} s\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "simulation.json").write_text(json.dumps(rows, indent=2, default=str))
     report(rows, args.out)
     return 0
-
-
-def describe_picks(row: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """A round's row with what its picks hold: their true objects (what the annotator
-    draws) and, with ``--subdomain-every``, how many were on the other ground."""
-    if "picked" not in row:
-        return row
-    make = SubDomain(args.subdomain_every) if args.subdomain_every else data.target_scene
-    scene_seeds = [data.project_seeds(row["seed"], args.pool)[i] for i in row["picked"]]
-    row["picked_objects"] = sum(len(make(s).boxes) for s in scene_seeds)
-    if args.subdomain_every:
-        row["picked_other"] = sum(SubDomain(args.subdomain_every).other(s) for s in scene_seeds)
-    return row
 
 
 def _value(row: dict[str, Any], key: str) -> float:

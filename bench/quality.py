@@ -204,7 +204,8 @@ def run_seed(
 
     With ``judge_candidate`` each row also has the test-split scores of the round's
     candidate (``candidate_map_50`` ...): the model trained on the labels so far, whether
-    or not the gate promoted it (the live model's when it did).
+    or not the gate promoted it (the live model's when it did). Each row keeps the tasks
+    the round labelled (``picked``) and the true objects they hold (``picked_objects``).
 
     The project holds ``pool`` tasks (default: as many as the last round labels), drawn by
     ``make`` from the project's seeds. Each round
@@ -288,6 +289,7 @@ def run_seed(
                         "heldout_live": summary["metrics"]["live"]["map_50"],
                         "why": version.meta.get("decision", {}).get("detector", {}).get("why"),
                         "picked": sorted(picked),
+                        "picked_objects": sum(len(scenes[i].boxes) for i in picked),
                         **live_score,
                         **judged,
                     }
