@@ -71,6 +71,8 @@ class Round:
 
 # Which unlabelled tasks (indices into the project's scenes) to label next.
 Chooser = Callable[[Round], list[int]]
+# A project's scene for a seed (the same seed, the same scene).
+SceneMaker = Callable[[int], data.Scene]
 SLICE = data.SOURCE_SIZE  # windows at the scale the base was trained at
 
 
@@ -81,7 +83,7 @@ class TestSplit:
     sizes: list[tuple[int, int]]
 
 
-def test_split(count: int, make: Callable[[int], data.Scene] = data.target_scene) -> TestSplit:
+def test_split(count: int, make: SceneMaker = data.target_scene) -> TestSplit:
     images, truths, sizes = [], [], []
     for seed in data.test_seeds(count):
         scene = make(seed)
@@ -196,7 +198,7 @@ def run_seed(
     base_score: dict[str, Any] | None = None,
     pool: int | None = None,
     choose: Chooser | None = None,
-    make: Callable[[int], data.Scene] = data.target_scene,
+    make: SceneMaker = data.target_scene,
     judge_candidate: bool = False,
 ) -> list[dict[str, Any]]:
     """Rounds of labels for one seed; a row per round (round 0: the base, scored here

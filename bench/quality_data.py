@@ -152,11 +152,15 @@ def _distractors(rng: random.Random, image: Image.Image, count: int) -> None:
 
 
 def target_scene(
-    seed: int, size: tuple[int, int] | None = None, ground: tuple[int, int, int] = GROUND
+    seed: int,
+    size: tuple[int, int] | None = None,
+    ground: tuple[int, int, int] = GROUND,
+    objects: tuple[int, int] = (6, 14),
 ) -> Scene:
     """One large target-domain image with its objects (seeded: the same seed, the same scene).
 
-    ``size`` and ``ground`` fix what is otherwise drawn (1600x1200 to 2048x1536, soil).
+    ``size`` and ``ground`` fix what is otherwise drawn (1600x1200 to 2048x1536, soil);
+    ``objects`` is the range the number of objects is drawn from.
     """
     rng = random.Random(seed)
     width, height = rng.choice(((1600, 1200), (1800, 1350), (2048, 1536)))
@@ -167,7 +171,7 @@ def target_scene(
     pixels = np.array(image)
     boxes: list[Box] = []
     classes: list[str] = []
-    wanted = rng.randint(6, 14)
+    wanted = rng.randint(*objects)
     for _ in range(wanted * 30):
         if len(boxes) == wanted:
             break

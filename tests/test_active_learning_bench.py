@@ -91,6 +91,19 @@ def test_a_tiny_simulation_labels_rounds_through_the_real_job(tmp_path: Path) ->
     assert active_learning.main(["--report", str(out / "simulation.json")]) == 0
 
 
+def test_a_crowded_project_has_one_crowded_scene_in_n_and_the_rest_nearly_empty() -> None:
+    make = active_learning.project(crowded_every=4)
+    assert isinstance(make, active_learning.Crowded)
+    counts = [len(make(seed).boxes) for seed in data.project_seeds(0, 4)]
+    assert [make.other(seed) for seed in data.project_seeds(0, 4)] == [False, False, False, True]
+    assert all(0 <= n <= 4 for n in counts[:3]) and 24 <= counts[3] <= 40, counts
+    # The test split is drawn by the same maker: crowded where the pool would be.
+    split = quality.test_split(4, make)
+    assert len(split.truths[3][0]) >= 24 > 4 >= max(len(t[0]) for t in split.truths[:3])
+    with pytest.raises(ValueError, match="not both"):
+        active_learning.project(subdomain_every=4, crowded_every=4)
+
+
 def test_a_tasks_errors_count_what_the_annotator_deletes_and_draws() -> None:
     def box(x1: float, y1: float, x2: float, y2: float, label: str, score: float) -> dict:
         # Label Studio's percent units on a 200 x 100 image.
