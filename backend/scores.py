@@ -59,21 +59,26 @@ def task_score(
     return min(values)
 
 
-def agreement(a: Detections, b: Detections) -> float:
-    """2 x one-to-one matches (same label, IoU >= MATCH_IOU, surest first) / (|a| + |b|)."""
-    if len(a) + len(b) == 0:
-        return 1.0
+def one_to_one_matches(a: Detections, b: Detections) -> int:
+    """How many of ``a``'s boxes match one of ``b``'s, one to one: the same label, IoU >=
+    MATCH_IOU, ``a``'s surest first, each taking the best overlap still free (as an
+    annotator accepts suggestions against what is there)."""
     if len(a) == 0 or len(b) == 0:
-        return 0.0
+        return 0
     iou = box_iou(a.boxes.float(), b.boxes.float())
     iou[a.labels[:, None] != b.labels[None, :]] = 0
     taken = torch.zeros(len(b), dtype=torch.bool)
-    matched = 0
     for i in torch.argsort(a.scores, descending=True).tolist():
         row = iou[i].clone()
         row[taken] = 0
         j = int(row.argmax())
         if row[j] >= MATCH_IOU:
             taken[j] = True
-            matched += 1
-    return 2 * matched / (len(a) + len(b))
+    return int(taken.sum())
+
+
+def agreement(a: Detections, b: Detections) -> float:
+    """2 x one-to-one matches (same label, IoU >= MATCH_IOU, surest first) / (|a| + |b|)."""
+    if len(a) + len(b) == 0:
+        return 1.0
+    return 2 * one_to_one_matches(a, b) / (len(a) + len(b))

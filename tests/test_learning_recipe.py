@@ -15,7 +15,12 @@ from torch import nn
 
 from label_studio_sahi.slicing import Detections
 from label_studio_sahi.training.dataset import jittered_window
-from label_studio_sahi.training.evaluate import detection_metrics, paired_bootstrap
+from label_studio_sahi.training.evaluate import (
+    bootstrap_fewer,
+    corrections,
+    detection_metrics,
+    paired_bootstrap,
+)
 from label_studio_sahi.training.finetune import (
     DetectionSample,
     augment,
@@ -201,6 +206,53 @@ def test_the_gate_refuses_a_gain_that_one_image_makes() -> None:
 
 def test_the_gate_refuses_a_loss_however_sure() -> None:
     assert not decide(_candidates(0.2, 0.3, 0.9), make_settings())["detector"]["promoted"]
+
+
+def test_corrections_count_the_boxes_an_annotator_deletes_and_draws() -> None:
+    truth = [([(10.0, 10.0, 30.0, 30.0), (60.0, 60.0, 80.0, 80.0)], [0, 1])]
+    suggested = Detections(
+        torch.tensor([[10, 10, 30, 30], [11, 11, 31, 31], [60, 60, 80, 80], [0, 0, 5, 5]],
+                     dtype=torch.float32),
+        torch.tensor([0.9, 0.8, 0.7, 0.1]),
+        torch.tensor([0, 0, 0, 0]),
+    )  # fmt: skip
+    # Right; a second box on a taken object (delete); the right place with the wrong label
+    # (delete, and draw the object); below the serving threshold (never shown).
+    assert corrections([suggested], truth, threshold=0.3) == [2 + 1]
+    assert corrections([suggested], truth, threshold=0.05) == [3 + 1]  # the faint box too
+    assert corrections([_dets([], [])], truth, threshold=0.3) == [2]  # both drawn
+    assert corrections([_dets([], [])], [([], [])], threshold=0.3) == [0]
+
+
+def test_fewer_corrections_on_every_image_win_every_draw_and_a_tie_none() -> None:
+    assert bootstrap_fewer([0, 1, 2], [5, 3, 3]) == 1.0
+    assert bootstrap_fewer([2, 2, 2], [2, 2, 2]) == 0.0
+    assert 0.0 < bootstrap_fewer([0, 9, 1], [3, 3, 3], resamples=400) < 0.8
+    with pytest.raises(ValueError, match="2 candidate counts but 1"):
+        bootstrap_fewer([1, 2], [1])
+
+
+def _tie(fewer: float, candidate: int, live: int) -> Candidates:
+    tie = _candidates(0.0, 0.0, 0.0)
+    tie.metrics["candidate"]["corrections"] = candidate
+    tie.metrics["live"]["corrections"] = live
+    tie.metrics["bootstrap_fewer_corrections"] = fewer
+    return tie
+
+
+def test_on_a_map_tie_the_gate_promotes_a_candidate_that_leaves_fewer_corrections() -> None:
+    # Neither model finds the few held-out objects; live also sprays 3,600 false boxes.
+    decision = decide(_tie(1.0, 3, 3604), make_settings(promote_confidence=0.8))["detector"]
+    assert decision["promoted"]
+    assert "a tie" in decision["why"] and "3 vs live 3604" in decision["why"]
+
+
+def test_on_a_map_tie_fewer_corrections_must_hold_across_the_draws_too() -> None:
+    settings = make_settings(promote_confidence=0.8)
+    assert not decide(_tie(0.6, 10, 12), settings)["detector"]["promoted"]
+    assert not decide(_tie(0.0, 5, 5), settings)["detector"]["promoted"]  # an equal candidate
+    # Without the bootstrap (PROMOTE_CONFIDENCE=0) still only strictly fewer promotes.
+    assert not decide(_tie(0.0, 5, 5), make_settings(promote_confidence=0))["detector"]["promoted"]
 
 
 def test_detector_and_classifier_are_judged_separately() -> None:

@@ -16,12 +16,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from label_studio_sahi.scores import one_to_one_matches
 from label_studio_sahi.slicing import Detections
 
-__all__ = ["classification_accuracy", "detection_metrics", "paired_bootstrap"]
+__all__ = [
+    "bootstrap_fewer",
+    "classification_accuracy",
+    "corrections",
+    "detection_metrics",
+    "paired_bootstrap",
+]
 
 Box = tuple[float, float, float, float]
 
@@ -259,6 +267,53 @@ def paired_bootstrap(
         pick = [rng.randrange(n) for _ in range(n)]
         a, b = (_average_precision(m, pick, ious, recalls) for m in matches)
         wins += a > b
+    return wins / resamples
+
+
+def corrections(
+    predictions: Sequence[Detections],
+    truths: Sequence[tuple[Sequence[Box], Sequence[int]]],
+    threshold: float,
+) -> list[int]:
+    """Per image, the boxes an annotator deletes or draws when the boxes at or above
+    ``threshold`` (the serving threshold) are suggested: the wrong ones and the misses,
+    suggestions matched one to one to the truth (same label, IoU >= 0.5, surest first).
+
+    Unlike mAP it counts every false box, so it tells a model that sprays boxes from one
+    that suggests little, where a few held-out images hold too few objects for mAP to.
+    """
+    if len(predictions) != len(truths):
+        raise ValueError(f"{len(predictions)} predictions but {len(truths)} ground truths")
+    out = []
+    for det, (boxes, labels) in zip(predictions, truths, strict=True):
+        shown = det.scores >= threshold
+        suggested = Detections(det.boxes[shown], det.scores[shown], det.labels[shown])
+        truth = Detections(
+            torch.tensor([list(b) for b in boxes], dtype=torch.float32).reshape(-1, 4),
+            torch.ones(len(boxes)),
+            torch.tensor([int(c) for c in labels], dtype=torch.int64),
+        )
+        matched = one_to_one_matches(suggested, truth)
+        out.append(len(suggested) + len(truth) - 2 * matched)
+    return out
+
+
+def bootstrap_fewer(
+    candidate: Sequence[int], live: Sequence[int], resamples: int = 200, seed: int = 0
+) -> float:
+    """How often the candidate's per-image counts (``corrections``) sum strictly lower than
+    live's on the same images drawn with replacement: the share of ``resamples`` draws.
+    Ties count as not fewer."""
+    if len(candidate) != len(live):
+        raise ValueError(f"{len(candidate)} candidate counts but {len(live)} live counts")
+    if not candidate:
+        return 0.0
+    rng = random.Random(seed)
+    n = len(candidate)
+    wins = 0
+    for _ in range(resamples):
+        pick = [rng.randrange(n) for _ in range(n)]
+        wins += sum(candidate[i] for i in pick) < sum(live[i] for i in pick)
     return wins / resamples
 
 

@@ -48,7 +48,9 @@ from label_studio_sahi.training.dataset import (
     training_windows,
 )
 from label_studio_sahi.training.evaluate import (
+    bootstrap_fewer,
     classification_accuracy,
+    corrections,
     detection_metrics,
     paired_bootstrap,
 )
@@ -262,16 +264,30 @@ def train_and_evaluate(ctx: JobContext, data: TrainingData, parent: ModelBundle)
             parent.detector, rect, data.held, data.images, slicing, own_labels=False
         )
         out.metrics["candidate"], out.metrics["live"] = candidate.metrics, live.metrics
+        threshold = ctx.settings.score_threshold
+        fixes = {
+            side: corrections(scored.predictions, scored.truths, threshold)
+            for side, scored in (("candidate", candidate), ("live", live))
+        }
+        for side, counts in fixes.items():
+            out.metrics[side]["corrections"] = sum(counts)
         gain = candidate.metrics[GATE_METRIC] - live.metrics[GATE_METRIC]
+        sure = ctx.settings.promote_confidence > 0
         # Re-drawing the held-out images only matters for a gain the gate would weigh.
         out.metrics["bootstrap_better"] = (
             paired_bootstrap(
                 candidate.predictions, live.predictions, candidate.truths, len(rect.labels),
                 candidate.sizes, metric=GATE_METRIC,
             )
-            if gain > 0 and ctx.settings.promote_confidence > 0
+            if gain > 0 and sure
             else float(gain > 0)
         )  # fmt: skip
+        if gain == 0:  # a tie on mAP: the gate weighs the annotator's corrections (decide)
+            out.metrics["bootstrap_fewer_corrections"] = (
+                bootstrap_fewer(fixes["candidate"], fixes["live"])
+                if sure
+                else float(sum(fixes["candidate"]) < sum(fixes["live"]))
+            )
     choice = data.config.choices[0] if data.config.choices else None
     if choice is not None and parent.classifier is not None and any(t.choices for t in data.train):
         out.classifier, out.curves["classifier"] = finetune_classifier(
@@ -292,19 +308,34 @@ def decide(candidates: Candidates, settings: Settings) -> dict[str, dict[str, An
 
     The detector must score higher than live on held-out mAP@.5 *and* do so on at least
     ``PROMOTE_CONFIDENCE`` of the paired bootstrap draws of the held-out images (a few
-    images are noise). The classifier must have a higher held-out accuracy.
+    images are noise). On a tie (most often both 0: a few sparse held-out images where
+    neither model finds the objects), it must instead leave the annotator fewer corrections
+    at the serving threshold, in as many bootstrap draws: mAP does not see a live model that
+    sprays false boxes, an annotator deletes every one. The classifier must have a higher
+    held-out accuracy.
     """
     m = candidates.metrics
     out: dict[str, dict[str, Any]] = {}
     if candidates.detector is not None:
         gain = m["candidate"][GATE_METRIC] - m["live"][GATE_METRIC]
-        sure = m["bootstrap_better"]
-        promoted = gain > 0 and sure >= settings.promote_confidence
-        why = (
+        needs = f"(needs {settings.promote_confidence:.0%})"
+        images = m["candidate"]["images"]
+        held = (
             f"held-out {GATE_METRIC} {m['candidate'][GATE_METRIC]:.4f} vs live "
-            f"{m['live'][GATE_METRIC]:.4f} ({gain:+.4f}); better in {sure:.0%} of bootstrap "
-            f"draws of {m['candidate']['images']} images (needs {settings.promote_confidence:.0%})"
+            f"{m['live'][GATE_METRIC]:.4f} ({gain:+.4f})"
         )
+        if gain == 0 and "bootstrap_fewer_corrections" in m:
+            fewer = m["bootstrap_fewer_corrections"]
+            promoted = fewer > 0 and fewer >= settings.promote_confidence
+            why = (
+                f"{held}, a tie; corrections at the serving threshold "
+                f"{m['candidate']['corrections']} vs live {m['live']['corrections']}, fewer in "
+                f"{fewer:.0%} of bootstrap draws of {images} images {needs}"
+            )
+        else:
+            sure = m["bootstrap_better"]
+            promoted = gain > 0 and sure >= settings.promote_confidence
+            why = f"{held}; better in {sure:.0%} of bootstrap draws of {images} images {needs}"
         out["detector"] = {"promoted": promoted, "why": why}
     if candidates.classifier is not None:
         a, b = m["candidate_accuracy"], m["live_accuracy"]
