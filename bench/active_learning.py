@@ -49,14 +49,15 @@ from typing import Any, cast, get_args
 import numpy as np
 import torch
 from scipy.stats import spearmanr
-from torchvision.ops import box_iou
 
 from bench import quality
 from bench import quality_data as data
 from label_studio_sahi.detector import Detector
 from label_studio_sahi.labeling import parse_label_config
 from label_studio_sahi.predict import ModelBundle, Predictor, ScoreInputs, SliceConfig
+from label_studio_sahi.scores import one_to_one_matches
 from label_studio_sahi.settings import Settings, TaskScore
+from label_studio_sahi.slicing import Detections
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ class TaskErrors:
 def task_errors(
     result: list[dict], truth: tuple[list, list], width: int, height: int
 ) -> TaskErrors:
-    """Match a task's suggested boxes (Label Studio results) to its true boxes."""
+    """Match a task's suggested boxes (Label Studio results) to its true boxes, one to one
+    as the gate's ``corrections`` does."""
     boxes, labels = truth
     pred = [
         (
@@ -95,16 +97,17 @@ def task_errors(
         )
         for r in result
     ]  # fmt: skip
-    if not pred or not boxes:
-        return TaskErrors(0, len(pred), len(boxes))
-    iou = box_iou(torch.tensor([p[0] for p in pred]), torch.tensor(boxes, dtype=torch.float32))
-    taken: set[int] = set()
-    for i in sorted(range(len(pred)), key=lambda i: -pred[i][2]):
-        free = [j for j in range(len(boxes)) if j not in taken and labels[j] == pred[i][1]]
-        best = max(free, key=lambda j: float(iou[i, j]), default=None)
-        if best is not None and float(iou[i, best]) >= 0.5:
-            taken.add(best)
-    return TaskErrors(len(taken), len(pred), len(boxes))
+    suggested = Detections(
+        torch.tensor([p[0] for p in pred], dtype=torch.float32).reshape(-1, 4),
+        torch.tensor([p[2] for p in pred], dtype=torch.float32),
+        torch.tensor([p[1] for p in pred], dtype=torch.int64),
+    )
+    true = Detections(
+        torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        torch.ones(len(boxes)),
+        torch.tensor(labels, dtype=torch.int64),
+    )
+    return TaskErrors(one_to_one_matches(suggested, true), len(pred), len(boxes))
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou
 
 from bench import quality_data as data
 from label_studio_sahi import names
@@ -46,6 +45,7 @@ from label_studio_sahi.models import project_bundle
 from label_studio_sahi.predict import ModelBundle, SliceConfig, sliced_detect
 from label_studio_sahi.redis_server import EmbeddedRedis, connect
 from label_studio_sahi.registry import Registry
+from label_studio_sahi.scores import one_to_one_matches
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.slicing import Detections
 from label_studio_sahi.training.evaluate import detection_metrics
@@ -123,26 +123,16 @@ def acceptance_and_edits(
     matched = total = wrong = 0
     for det, (boxes, labels) in zip(predictions, split.truths, strict=True):
         keep = det.scores >= threshold
-        pb, ps, pl = det.boxes[keep], det.scores[keep], det.labels[keep]
+        shown = Detections(det.boxes[keep], det.scores[keep], det.labels[keep])
+        truth = Detections(
+            torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            torch.ones(len(boxes)),
+            torch.tensor(labels, dtype=torch.int64),
+        )
+        found = one_to_one_matches(shown, truth)
+        matched += found
         total += len(boxes)
-        if len(pb) == 0:
-            continue
-        if not boxes:
-            wrong += len(pb)
-            continue
-        iou = box_iou(pb.float(), torch.tensor(boxes, dtype=torch.float32))
-        taken: set[int] = set()
-        for i in torch.argsort(ps, descending=True).tolist():
-            candidates = [
-                (float(iou[i, j]), j)
-                for j in range(len(boxes))
-                if j not in taken and labels[j] == int(pl[i]) and float(iou[i, j]) >= 0.5
-            ]
-            if candidates:
-                taken.add(max(candidates)[1])
-            else:
-                wrong += 1
-        matched += len(taken)
+        wrong += len(shown) - found
     return matched / max(1, total), wrong / max(1, len(split.truths))
 
 
