@@ -66,22 +66,30 @@ def load_version_bundle(
     return ModelBundle(detector, classifier, version=version.model_version)
 
 
+def live_version(registry: Registry, project: str) -> Version | None:
+    """The project's live version, or None for the base models: also when the live pointer
+    names a version this MODEL_DIR does not hold (deleted, or another volume), so that
+    serving and training agree on what is live."""
+    live = registry.live(project)
+    if not live:
+        return None
+    try:
+        return registry.get(project, live)
+    except VersionNotFound:
+        log.warning("live_version_missing project=%s version=%s using=base", project, live)
+        return None
+
+
 def project_bundle(settings: Settings, registry: Registry, project: str) -> ModelBundle:
     """The models a project is served with now: its live version, or the base models.
 
     A live version's bundle never loads the base detector it replaces.
     """
-    live = registry.live(project)
-    if live:
-        try:
-            version = registry.get(project, live)
-        except VersionNotFound:
-            # A pointer to a version this MODEL_DIR does not hold (deleted, or another volume).
-            log.warning("live_version_missing project=%s version=%s using=base", project, live)
-        else:
-            return load_version_bundle(
-                version, lambda: _load_classifier(settings.classifier_model, settings), settings
-            )
+    version = live_version(registry, project)
+    if version is not None:
+        return load_version_bundle(
+            version, lambda: _load_classifier(settings.classifier_model, settings), settings
+        )
     return load_base_bundle(settings)
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from stack import stack_settings
 from tiny_models import random_detr
 
+from label_studio_sahi.names import LIVE_KEY
 from label_studio_sahi.registry import Registry
 from label_studio_sahi.training.finetune import training_steps
 from label_studio_sahi.training.job import JobContext, run_training
@@ -100,6 +101,25 @@ def test_a_candidate_that_is_not_better_is_kept_as_rejected(
     assert summary["status"] == "rejected"
     assert registry.live(str(project.id)) is None
     assert registry.get(str(project.id), "v1").status == "rejected"
+
+
+def test_a_live_pointer_to_a_version_this_model_dir_lacks_trains_from_the_base(
+    fake: FakeStudio, tmp_path: Path, redis_client: Any
+) -> None:
+    # Another volume's version, or a deleted one: serving falls back to the base, and so
+    # must the job (it used to fail in publish, retried until rq gave up).
+    project = labelled_project(fake, n_tasks=4)
+    settings = _settings(
+        fake, random_detr(tmp_path / "untrained"), tmp_path / "models", train_steps=5,
+        promote_confidence=0,
+    )  # fmt: skip
+    registry = Registry.for_settings(settings, redis_client)
+    redis_client.set(LIVE_KEY.format(project=project.id), "v7")
+    summary = run_training(JobContext(settings, registry), str(project.id), "test", "run-1")
+    version = registry.get(str(project.id), summary["version"])
+    assert version.meta["parent"].startswith("untrained@"), version.meta["parent"]
+    assert version.meta["parent_live"] is None
+    assert registry.live(str(project.id)) == ("v1" if summary["status"] == "accepted" else "v7")
 
 
 def test_too_few_labels_skip_training(fake: FakeStudio, tmp_path: Path, redis_client: Any) -> None:

@@ -31,7 +31,7 @@ from label_studio_sahi.errors import ImageError
 from label_studio_sahi.hub import checkpoint_revision
 from label_studio_sahi.images import ImageLoader
 from label_studio_sahi.labeling import ControlTag, LabelConfig, parse_label_config
-from label_studio_sahi.models import project_bundle
+from label_studio_sahi.models import live_version, project_bundle
 from label_studio_sahi.names import model_version
 from label_studio_sahi.predict import ModelBundle, SliceConfig, sliced_detect
 from label_studio_sahi.queueing import ProgressWriter, job_redis
@@ -170,6 +170,12 @@ def _run_lock(client: Any, project: str) -> Iterator[None]:
             lock.release()
 
 
+def _live_name(registry: Registry, project: str) -> str | None:
+    """The live version's name as serving sees it (None: the base models)."""
+    version = live_version(registry, project)
+    return version.name if version is not None else None
+
+
 def _run(ctx: JobContext, project: str, reason: str, run_id: str) -> dict[str, Any]:
     registry = ctx.registry
     registry.clean_temporary(project)
@@ -180,7 +186,7 @@ def _run(ctx: JobContext, project: str, reason: str, run_id: str) -> dict[str, A
         if (
             done.status == "accepted"
             and names.META_PARENT_LIVE in done.meta
-            and registry.live(project) == done.meta[names.META_PARENT_LIVE]
+            and _live_name(registry, project) == done.meta[names.META_PARENT_LIVE]
         ):
             registry.set_live(project, done.name)
         return _summary(done.meta, done.name, project)
@@ -194,7 +200,7 @@ def _run(ctx: JobContext, project: str, reason: str, run_id: str) -> dict[str, A
             "detail": "need at least 2 labelled tasks (one is held out)",
             **data.stats,
         }
-    live_name = registry.live(project)
+    live_name = _live_name(registry, project)
     # The parent as it trains (and is judged beside its candidate): in PyTorch.
     parent = project_bundle(
         ctx.settings.model_copy(update={"detector_engine": "torch"}), registry, project
@@ -264,7 +270,12 @@ def train_and_evaluate(ctx: JobContext, data: TrainingData, parent: ModelBundle)
             parent.detector, rect, data.held, data.images, slicing, own_labels=False
         )
         out.metrics["candidate"], out.metrics["live"] = candidate.metrics, live.metrics
-        threshold = ctx.settings.score_threshold
+        # The threshold the tag is served at (its model_score_threshold, else the setting).
+        threshold = (
+            rect.score_threshold
+            if rect.score_threshold is not None
+            else ctx.settings.score_threshold
+        )
         fixes = {
             side: corrections(scored.predictions, scored.truths, threshold)
             for side, scored in (("candidate", candidate), ("live", live))
@@ -272,20 +283,20 @@ def train_and_evaluate(ctx: JobContext, data: TrainingData, parent: ModelBundle)
         for side, counts in fixes.items():
             out.metrics[side]["corrections"] = sum(counts)
         gain = candidate.metrics[GATE_METRIC] - live.metrics[GATE_METRIC]
-        sure = ctx.settings.promote_confidence > 0
+        resample = ctx.settings.promote_confidence > 0
         # Re-drawing the held-out images only matters for a gain the gate would weigh.
         out.metrics["bootstrap_better"] = (
             paired_bootstrap(
                 candidate.predictions, live.predictions, candidate.truths, len(rect.labels),
                 candidate.sizes, metric=GATE_METRIC,
             )
-            if gain > 0 and sure
+            if gain > 0 and resample
             else float(gain > 0)
         )  # fmt: skip
         if gain == 0:  # a tie on mAP: the gate weighs the annotator's corrections (decide)
             out.metrics["bootstrap_fewer_corrections"] = (
                 bootstrap_fewer(fixes["candidate"], fixes["live"])
-                if sure
+                if resample
                 else float(sum(fixes["candidate"]) < sum(fixes["live"]))
             )
     choice = data.config.choices[0] if data.config.choices else None
