@@ -85,6 +85,11 @@ class ControlTag:
         init=False, repr=False, compare=False, hash=False, default_factory=dict
     )
 
+    def threshold(self, default: float) -> float:
+        """The score a suggestion of this tag needs: its ``model_score_threshold``, else
+        ``default`` (the setting)."""
+        return self.score_threshold if self.score_threshold is not None else default
+
     def __post_init__(self) -> None:
         explicit: dict[str, str] = {}
         for model_class, label in self.class_map:

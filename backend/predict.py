@@ -405,11 +405,7 @@ class Predictor:
         names = self.bundle.detector.id2label
         out = []
         for tag in tags:
-            threshold = (
-                tag.score_threshold
-                if tag.score_threshold is not None
-                else self.settings.score_threshold
-            )
+            threshold = tag.threshold(self.settings.score_threshold)
             margins = dets.margins.tolist() if dets.margins is not None else dets.scores.tolist()
             for box, score, label_id, margin in zip(
                 dets.boxes.tolist(),
@@ -435,11 +431,7 @@ class Predictor:
     ) -> list[dict[str, Any]]:
         out = []
         for tag in tags:
-            threshold = (
-                tag.score_threshold
-                if tag.score_threshold is not None
-                else self.settings.classifier_threshold
-            )
+            threshold = tag.threshold(self.settings.classifier_threshold)
             picked: list[tuple[str, float]] = []
             for name, prob in ranked:
                 label = tag.label_for(name)

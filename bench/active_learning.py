@@ -58,6 +58,7 @@ from label_studio_sahi.predict import ModelBundle, Predictor, ScoreInputs, Slice
 from label_studio_sahi.scores import one_to_one_matches
 from label_studio_sahi.settings import Settings, TaskScore
 from label_studio_sahi.slicing import Detections
+from label_studio_sahi.training.evaluate import truth_detections
 
 
 @dataclass(frozen=True)
@@ -102,12 +103,8 @@ def task_errors(
         torch.tensor([p[2] for p in pred], dtype=torch.float32),
         torch.tensor([p[1] for p in pred], dtype=torch.int64),
     )
-    true = Detections(
-        torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-        torch.ones(len(boxes)),
-        torch.tensor(labels, dtype=torch.int64),
-    )
-    return TaskErrors(one_to_one_matches(suggested, true), len(pred), len(boxes))
+    matched = one_to_one_matches(suggested, truth_detections(boxes, labels))
+    return TaskErrors(matched, len(pred), len(boxes))
 
 
 @dataclass(frozen=True)
@@ -255,10 +252,10 @@ def simulate(args: argparse.Namespace) -> int:
             for strategy, seed in plan
         ]  # fmt: skip
         for (strategy, seed), run in zip(plan, runs, strict=True):
+            scene_seeds = data.project_seeds(seed, args.pool)
             for row in run.result():
                 if isinstance(make, OneInN) and "picked" in row:
                     # How many of the round's picks were of the other kind.
-                    scene_seeds = data.project_seeds(seed, args.pool)
                     row["picked_other"] = sum(make.other(scene_seeds[i]) for i in row["picked"])
                 rows.append({"order": strategy, **row})
             print(f"{strategy} {seed}: done", flush=True)

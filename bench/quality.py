@@ -48,7 +48,7 @@ from label_studio_sahi.registry import Registry
 from label_studio_sahi.scores import one_to_one_matches
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.slicing import Detections
-from label_studio_sahi.training.evaluate import detection_metrics
+from label_studio_sahi.training.evaluate import detection_metrics, truth_detections
 from label_studio_sahi.training.job import EVAL_SCORE_THRESHOLD, JobContext, run_training
 from tests.fake_studio import FakeStudio
 
@@ -122,14 +122,8 @@ def acceptance_and_edits(
     predictions above ``threshold``, matched greedily by score as an annotator would accept."""
     matched = total = wrong = 0
     for det, (boxes, labels) in zip(predictions, split.truths, strict=True):
-        keep = det.scores >= threshold
-        shown = Detections(det.boxes[keep], det.scores[keep], det.labels[keep])
-        truth = Detections(
-            torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            torch.ones(len(boxes)),
-            torch.tensor(labels, dtype=torch.int64),
-        )
-        found = one_to_one_matches(shown, truth)
+        shown = det.select(det.scores >= threshold)
+        found = one_to_one_matches(shown, truth_detections(boxes, labels))
         matched += found
         total += len(boxes)
         wrong += len(shown) - found

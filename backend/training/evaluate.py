@@ -29,6 +29,7 @@ __all__ = [
     "corrections",
     "detection_metrics",
     "paired_bootstrap",
+    "truth_detections",
 ]
 
 Box = tuple[float, float, float, float]
@@ -286,16 +287,19 @@ def corrections(
         raise ValueError(f"{len(predictions)} predictions but {len(truths)} ground truths")
     out = []
     for det, (boxes, labels) in zip(predictions, truths, strict=True):
-        shown = det.scores >= threshold
-        suggested = Detections(det.boxes[shown], det.scores[shown], det.labels[shown])
-        truth = Detections(
-            torch.tensor([list(b) for b in boxes], dtype=torch.float32).reshape(-1, 4),
-            torch.ones(len(boxes)),
-            torch.tensor([int(c) for c in labels], dtype=torch.int64),
-        )
-        matched = one_to_one_matches(suggested, truth)
-        out.append(len(suggested) + len(truth) - 2 * matched)
+        suggested = det.select(det.scores >= threshold)
+        matched = one_to_one_matches(suggested, truth_detections(boxes, labels))
+        out.append(len(suggested) + len(boxes) - 2 * matched)
     return out
+
+
+def truth_detections(boxes: Sequence[Sequence[float]], labels: Sequence[int]) -> Detections:
+    """An image's true boxes as detections (score 1), to match suggestions against."""
+    return Detections(
+        torch.tensor([list(b) for b in boxes], dtype=torch.float32).reshape(-1, 4),
+        torch.ones(len(boxes)),
+        torch.tensor([int(c) for c in labels], dtype=torch.int64),
+    )
 
 
 def bootstrap_fewer(

@@ -270,12 +270,7 @@ def train_and_evaluate(ctx: JobContext, data: TrainingData, parent: ModelBundle)
             parent.detector, rect, data.held, data.images, slicing, own_labels=False
         )
         out.metrics["candidate"], out.metrics["live"] = candidate.metrics, live.metrics
-        # The threshold the tag is served at (its model_score_threshold, else the setting).
-        threshold = (
-            rect.score_threshold
-            if rect.score_threshold is not None
-            else ctx.settings.score_threshold
-        )
+        threshold = rect.threshold(ctx.settings.score_threshold)  # as the tag is served
         fixes = {
             side: corrections(scored.predictions, scored.truths, threshold)
             for side, scored in (("candidate", candidate), ("live", live))
