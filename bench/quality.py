@@ -229,6 +229,7 @@ def run_seed(
             if base_score is None:
                 base_score = score(bundle.detector, tag, split, slicing, settings.score_threshold)
             rows.append({"seed": seed, "labels": 0, "status": "base", "version": "base", **base_score})  # fmt: skip
+            live_score = base_score
             unlabelled = list(range(len(scenes)))
             labelled = 0
             for n in rounds:
@@ -251,7 +252,11 @@ def run_seed(
                 assert bundle.detector is not None
                 version = registry.get(str(pid), summary["version"])
                 steps = len(version.meta["curves"].get("detector", []))
-                live_score = score(bundle.detector, tag, split, slicing, settings.score_threshold)
+                live = registry.live(str(pid)) or "base"
+                if rows[-1]["version"] != live:  # a rejected round leaves its score as it was
+                    live_score = score(
+                        bundle.detector, tag, split, slicing, settings.score_threshold
+                    )
                 judged: dict[str, Any] = {}
                 if judge_candidate:
                     candidate_score = (
@@ -266,7 +271,7 @@ def run_seed(
                         "seed": seed,
                         "labels": n,
                         "status": summary["status"],
-                        "version": registry.live(str(pid)) or "base",
+                        "version": live,
                         "job_seconds": round(wall, 1),
                         "windows": summary["dataset"].get("windows"),
                         "steps": steps,
