@@ -61,9 +61,12 @@ def test_a_tiny_simulation_labels_rounds_through_the_real_job(tmp_path: Path) ->
     code = active_learning.main(
         ["--simulate", "--seeds", "0", "--pool", "4", "--rounds", "2", "4", "--warm-start",
          "2", "--max-steps", "10", "--test-images", "1", "--orders", "mean_confidence",
-         "--judge-candidate", "--subdomain-every", "2", "--out", str(out)]
+         "--judge-candidate", "--subdomain-every", "2", "--out", str(out),
+         "--family", "detr", "--base-steps", "2"]
     )  # fmt: skip
     assert code == 0
+    # The base of another family was trained into the cache, saved as a checkpoint folder.
+    assert (out / "cache" / "source-base-detr-2" / "model.safetensors").is_file()
     rows = json.loads((out / "simulation.json").read_text())
     for order in ("random", "mean_confidence"):
         mine = [r for r in rows if r["order"] == order]
