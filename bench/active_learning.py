@@ -24,7 +24,9 @@ test split (``--judge-candidate``: each round's candidate too, the model trained
 labels so far whether or not the gate promoted it). Prints the rows with what each round's
 picks hold, the median curve per order and, per score, the labels it needs to reach random
 order's final test mAP@.5, as a share of the labels random order needed to get there (per
-seed and on the median curves); plots test mAP@.5 against labels.
+seed and on the median curves); plots test mAP@.5 against labels. The base is the committed
+Conditional DETR, or with ``--family`` (``--base-steps``) another family's, trained on the
+source domain into ``OUT/cache`` once (Deformable DETR learns far more from a few labels).
 
 The project (pool and test split alike) is iid scenes of the target domain, or one scene in
 N on a ground the base never saw (``--subdomain-every``), or one scene in N crowded and the

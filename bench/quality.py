@@ -253,7 +253,7 @@ def run_seed(
                 version = registry.get(str(pid), summary["version"])
                 steps = len(version.meta["curves"].get("detector", []))
                 live = registry.live(str(pid)) or "base"
-                if rows[-1]["version"] != live:  # a rejected round leaves its score as it was
+                if rows[-1]["version"] != live:  # the same live model: its score stands
                     live_score = score(
                         bundle.detector, tag, split, slicing, settings.score_threshold
                     )
