@@ -80,17 +80,21 @@ def live_version(registry: Registry, project: str) -> Version | None:
         return None
 
 
-def project_bundle(settings: Settings, registry: Registry, project: str) -> ModelBundle:
-    """The models a project is served with now: its live version, or the base models.
+def version_bundle(settings: Settings, version: Version | None) -> ModelBundle:
+    """``version``'s models, or the base models for None.
 
-    A live version's bundle never loads the base detector it replaces.
+    A version's bundle never loads the base detector it replaces.
     """
-    version = live_version(registry, project)
     if version is not None:
         return load_version_bundle(
             version, lambda: _load_classifier(settings.classifier_model, settings), settings
         )
     return load_base_bundle(settings)
+
+
+def project_bundle(settings: Settings, registry: Registry, project: str) -> ModelBundle:
+    """The models a project is served with now: its live version, or the base models."""
+    return version_bundle(settings, live_version(registry, project))
 
 
 def check_bundle(bundle: ModelBundle) -> None:

@@ -248,12 +248,12 @@ def run_seed(
                     JobContext(settings, registry), str(pid), f"{n} labels", f"s{seed}-n{n}"
                 )
                 wall = time.monotonic() - start
-                bundle = project_bundle(settings, registry, str(pid))
-                assert bundle.detector is not None
                 version = registry.get(str(pid), summary["version"])
                 steps = len(version.meta["curves"].get("detector", []))
                 live = registry.live(str(pid)) or "base"
-                if rows[-1]["version"] != live:  # the same live model: its score stands
+                if rows[-1]["version"] != live:  # else the same live model: bundle and score stand
+                    bundle = project_bundle(settings, registry, str(pid))
+                    assert bundle.detector is not None
                     live_score = score(
                         bundle.detector, tag, split, slicing, settings.score_threshold
                     )

@@ -31,7 +31,7 @@ from label_studio_sahi.errors import ImageError
 from label_studio_sahi.hub import checkpoint_revision
 from label_studio_sahi.images import ImageLoader
 from label_studio_sahi.labeling import ControlTag, LabelConfig, parse_label_config
-from label_studio_sahi.models import live_version, project_bundle
+from label_studio_sahi.models import live_version, version_bundle
 from label_studio_sahi.names import model_version
 from label_studio_sahi.predict import ModelBundle, SliceConfig, sliced_detect
 from label_studio_sahi.queueing import ProgressWriter, job_redis
@@ -200,11 +200,11 @@ def _run(ctx: JobContext, project: str, reason: str, run_id: str) -> dict[str, A
             "detail": "need at least 2 labelled tasks (one is held out)",
             **data.stats,
         }
-    live_name = _live_name(registry, project)
+    # Read once: the parent's name and its models are the same version.
+    live = live_version(registry, project)
+    live_name = live.name if live is not None else None
     # The parent as it trains (and is judged beside its candidate): in PyTorch.
-    parent = project_bundle(
-        ctx.settings.model_copy(update={"detector_engine": "torch"}), registry, project
-    )
+    parent = version_bundle(ctx.settings.model_copy(update={"detector_engine": "torch"}), live)
     candidates = train_and_evaluate(ctx, data, parent)
     if candidates.detector is None and candidates.classifier is None:
         return {
