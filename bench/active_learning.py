@@ -57,7 +57,7 @@ from bench import quality_data as data
 from label_studio_sahi.detector import Detector
 from label_studio_sahi.labeling import parse_label_config
 from label_studio_sahi.predict import ModelBundle, Predictor, ScoreInputs, SliceConfig
-from label_studio_sahi.scores import one_to_one_matches
+from label_studio_sahi.scores import grouped_order, one_to_one_matches
 from label_studio_sahi.settings import Settings, TaskScore
 from label_studio_sahi.slicing import Detections
 from label_studio_sahi.training.evaluate import truth_detections
@@ -135,6 +135,44 @@ class ScoreOrder:
         return [i for _, i in sorted(scored)[: now.count]]
 
 
+def looks(result: list[dict]) -> list[float]:
+    """What the model suggests in a task, as a vector to group tasks by: log(1 + boxes) per
+    label (a crowded frame and an empty field look different; so do cars and lorries)."""
+    counts = [0] * len(data.LABELS)
+    for r in result:
+        counts[data.LABELS.index(r["value"]["rectanglelabels"][0])] += 1
+    return [float(np.log1p(c)) for c in counts]
+
+
+@dataclass(frozen=True)
+class GroupedOrder:
+    """``scores.grouped_order``: the least sure task (``method``) of each of ``groups``
+    groups of tasks the live model sees alike (``looks``), then the second of each, ..."""
+
+    method: TaskScore
+    groups: int
+    seed: int
+
+    def __call__(self, now: quality.Round) -> list[int]:
+        served = now.settings.model_copy(update={"task_score": self.method})
+        predictor = Predictor(
+            now.bundle, served, lambda url, _t: np.array(now.scenes[int(url)].image)
+        )
+        config = parse_label_config(data.LABEL_CONFIG)
+        task_scores, seen = [], []
+        try:
+            for i in now.unlabelled:
+                inputs = ScoreInputs()
+                image = np.array(now.scenes[i].image)
+                result = predictor.predict_image(image, config, "image", None, inputs)
+                task_scores.append(inputs.score(self.method))
+                seen.append(looks(result))
+        finally:
+            predictor.close()
+        ranked = grouped_order(task_scores, seen, self.groups, self.seed)
+        return [now.unlabelled[j] for j in ranked[: now.count]]
+
+
 @dataclass(frozen=True)
 class RandomOrder:
     """Tasks drawn at random (seeded by the seed and the round)."""
@@ -203,10 +241,19 @@ def project(subdomain_every: int = 0, crowded_every: int = 0) -> quality.SceneMa
     return Crowded(crowded_every) if crowded_every else data.target_scene
 
 
+# Orders that are not one task score: "grouped" is total_uncertainty with variety.
+GROUPED = "grouped"
+GROUPS = 4
+
+
 def order(strategy: str, seed: int, warm_start: int = 0) -> quality.Chooser:
-    chosen: quality.Chooser = (
-        RandomOrder(seed) if strategy == "random" else ScoreOrder(cast(TaskScore, strategy))
-    )
+    chosen: quality.Chooser
+    if strategy == "random":
+        chosen = RandomOrder(seed)
+    elif strategy == GROUPED:
+        chosen = GroupedOrder("total_uncertainty", GROUPS, seed)
+    else:
+        chosen = ScoreOrder(cast(TaskScore, strategy))
     return WarmStart(warm_start, seed, chosen) if warm_start else chosen
 
 
@@ -390,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", type=int, default=24, help="tasks in each seed's project")
     parser.add_argument("--rounds", type=int, nargs="+", default=[4, 8, 12, 16, 20])
     parser.add_argument("--orders", nargs="+", default=list(get_args(TaskScore)),
-                        choices=get_args(TaskScore), help="the scores compared with random")  # fmt: skip
+                        choices=[*get_args(TaskScore), GROUPED],
+                        help="the scores compared with random; grouped: total_uncertainty's "
+                        f"least sure task of each of {GROUPS} groups the model sees alike")  # fmt: skip
     parser.add_argument("--warm-start", type=int, default=0, metavar="LABELS",
                         help="the first LABELS drawn at random for every order (the first round's)")  # fmt: skip
     parser.add_argument("--subdomain-every", type=int, default=0, metavar="N",

@@ -15,6 +15,7 @@ from bench import quality_data as data
 from label_studio_sahi.detector import Detector
 from label_studio_sahi.labeling import parse_label_config
 from label_studio_sahi.predict import ModelBundle, Predictor
+from label_studio_sahi.scores import grouped_order
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,28 @@ def test_a_score_order_is_the_data_manager_sorted_by_the_served_score(
     assert active_learning.ScoreOrder(default)(pool) == ascending[: pool.count]
 
 
+def test_the_grouped_order_groups_tasks_by_what_the_live_model_suggests_in_them(
+    pool: quality.Round,
+) -> None:
+    import numpy as np
+
+    images = [np.array(scene.image) for scene in pool.scenes]
+    predictor = Predictor(pool.bundle, pool.settings, lambda url, _t: images[int(url)])
+    config = parse_label_config(data.LABEL_CONFIG)
+    tasks = [{"id": i, "data": {"image": str(i)}} for i in pool.unlabelled]
+    answers = predictor.predict_tasks(tasks, config)
+    predictor.close()
+    seen = [active_learning.looks(a.result) for a in answers]
+    counts = [len(a.result) for a in answers]
+    # log(1 + boxes) per label, of every box suggested; the tasks differ in what they hold.
+    assert [sum(round(float(np.expm1(x))) for x in v) for v in seen] == counts
+    assert len(set(counts)) > 1, counts
+    assert pool.settings.task_score == "total_uncertainty"
+    want = grouped_order([a.score for a in answers], seen, groups=2, seed=5)
+    chosen = active_learning.GroupedOrder("total_uncertainty", 2, seed=5)(pool)
+    assert chosen == [pool.unlabelled[j] for j in want[: pool.count]]
+
+
 def test_random_order_and_the_warm_start_are_seeded_draws(pool: quality.Round) -> None:
     draw = active_learning.RandomOrder(seed=7)(pool)
     assert draw == active_learning.RandomOrder(seed=7)(pool) != active_learning.RandomOrder(8)(pool)
@@ -60,7 +83,7 @@ def test_a_tiny_simulation_labels_rounds_through_the_real_job(tmp_path: Path) ->
     out = tmp_path / "al"
     code = active_learning.main(
         ["--simulate", "--seeds", "0", "--pool", "4", "--rounds", "2", "4", "--warm-start",
-         "2", "--max-steps", "10", "--test-images", "1", "--orders", "mean_confidence",
+         "2", "--max-steps", "10", "--test-images", "1", "--orders", "grouped",
          "--judge-candidate", "--subdomain-every", "2", "--out", str(out),
          "--family", "detr", "--base-steps", "2"]
     )  # fmt: skip
@@ -68,7 +91,7 @@ def test_a_tiny_simulation_labels_rounds_through_the_real_job(tmp_path: Path) ->
     # The base of another family was trained into the cache, saved as a checkpoint folder.
     assert (out / "cache" / "source-base-detr-2" / "model.safetensors").is_file()
     rows = json.loads((out / "simulation.json").read_text())
-    for order in ("random", "mean_confidence"):
+    for order in ("random", "grouped"):
         mine = [r for r in rows if r["order"] == order]
         assert [r["labels"] for r in mine] == [0, 2, 4]
         assert mine[0]["status"] == "base"
