@@ -30,9 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-from scipy.cluster.vq import kmeans2
 from torchvision.ops import box_iou
 
 from label_studio_sahi.settings import TaskScore
@@ -84,36 +82,3 @@ def agreement(a: Detections, b: Detections) -> float:
     if len(a) + len(b) == 0:
         return 1.0
     return 2 * one_to_one_matches(a, b) / (len(a) + len(b))
-
-
-def grouped_order(
-    task_scores: Sequence[float], looks: Sequence[Sequence[float]], groups: int, seed: int = 0
-) -> list[int]:
-    """A pool's tasks (indices), the ones most worth labelling first, with variety.
-
-    Sorting by a task score alone labels one kind of task first: ``total_uncertainty`` puts
-    every crowded frame ahead of the sparse ones, though the sparse frames hold the ground and
-    the distractors that false boxes come from. So the pool is split into ``groups`` groups
-    of tasks that look alike (k-means, seeded, over ``looks``: one vector per task, for
-    example what the model suggests in it), and the order takes the least sure task (lowest
-    score) of every group, then the second of every group, and so on; within a layer, the
-    least sure first, ties in task order. Any first N of the order hold min(N, groups) kinds.
-    """
-    if len(task_scores) != len(looks):
-        raise ValueError("one look per task")
-    if not task_scores:
-        return []
-    points = np.asarray(looks, dtype=np.float64).reshape(len(looks), -1)
-    k = min(groups, len(np.unique(points, axis=0)))
-    if k > 1:
-        _, group_of = kmeans2(points, k, seed=seed, minit="++")
-    else:
-        group_of = np.zeros(len(points), dtype=np.int64)
-    members: dict[int, list[int]] = {}
-    for i in sorted(range(len(task_scores)), key=lambda i: (task_scores[i], i)):
-        members.setdefault(int(group_of[i]), []).append(i)
-    order: list[int] = []
-    for depth in range(max(len(m) for m in members.values())):
-        layer = [m[depth] for m in members.values() if len(m) > depth]
-        order += sorted(layer, key=lambda i: (task_scores[i], i))
-    return order

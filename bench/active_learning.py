@@ -16,7 +16,8 @@ error (1 - F1 of its boxes at the serving threshold: misses and wrong boxes alik
 
 ``--simulate``: per seed, a project of ``--pool`` tasks is labelled round by round
 (``--rounds``, cumulative labels) through the real job (``bench.quality.run_seed``: export,
-windows, fine-tune, gate, publish), in the order each score proposes or at random. Each
+windows, fine-tune, gate, publish), in the order each score proposes or at random (or
+``grouped``: ``total_uncertainty`` with variety, ``grouped_order``). Each
 round the live models predict the unlabelled tasks as served, and the tasks Label Studio
 lists first when sorted by prediction score ascending are labelled; random order draws
 them (seeded). After each round the live model is scored on the learning benchmark's fixed
@@ -43,6 +44,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,7 @@ from typing import Any, cast, get_args
 
 import numpy as np
 import torch
+from scipy.cluster.vq import kmeans2
 from scipy.stats import spearmanr
 
 from bench import quality
@@ -57,7 +60,7 @@ from bench import quality_data as data
 from label_studio_sahi.detector import Detector
 from label_studio_sahi.labeling import parse_label_config
 from label_studio_sahi.predict import ModelBundle, Predictor, ScoreInputs, SliceConfig
-from label_studio_sahi.scores import grouped_order, one_to_one_matches
+from label_studio_sahi.scores import one_to_one_matches
 from label_studio_sahi.settings import Settings, TaskScore
 from label_studio_sahi.slicing import Detections
 from label_studio_sahi.training.evaluate import truth_detections
@@ -135,6 +138,39 @@ class ScoreOrder:
         return [i for _, i in sorted(scored)[: now.count]]
 
 
+def grouped_order(
+    task_scores: Sequence[float], looks: Sequence[Sequence[float]], groups: int, seed: int = 0
+) -> list[int]:
+    """A pool's tasks (indices), the ones most worth labelling first, with variety.
+
+    Sorting by a task score alone labels one kind of task first: ``total_uncertainty`` puts
+    every crowded frame ahead of the sparse ones, though the sparse frames hold the ground and
+    the distractors that false boxes come from. So the pool is split into ``groups`` groups
+    of tasks that look alike (k-means, seeded, over ``looks``: one vector per task, for
+    example what the model suggests in it), and the order takes the least sure task (lowest
+    score) of every group, then the second of every group, and so on; within a layer, the
+    least sure first, ties in task order. Any first N of the order hold min(N, groups) kinds.
+    """
+    if len(task_scores) != len(looks):
+        raise ValueError("one look per task")
+    if not task_scores:
+        return []
+    points = np.asarray(looks, dtype=np.float64).reshape(len(looks), -1)
+    k = min(groups, len(np.unique(points, axis=0)))
+    if k > 1:
+        _, group_of = kmeans2(points, k, seed=seed, minit="++")
+    else:
+        group_of = np.zeros(len(points), dtype=np.int64)
+    members: dict[int, list[int]] = {}
+    for i in sorted(range(len(task_scores)), key=lambda i: (task_scores[i], i)):
+        members.setdefault(int(group_of[i]), []).append(i)
+    order: list[int] = []
+    for depth in range(max(len(m) for m in members.values())):
+        layer = [m[depth] for m in members.values() if len(m) > depth]
+        order += sorted(layer, key=lambda i: (task_scores[i], i))
+    return order
+
+
 def looks(result: list[dict]) -> list[float]:
     """What the model suggests in a task, as a vector to group tasks by: log(1 + boxes) per
     label (a crowded frame and an empty field look different; so do cars and lorries)."""
@@ -146,7 +182,7 @@ def looks(result: list[dict]) -> list[float]:
 
 @dataclass(frozen=True)
 class GroupedOrder:
-    """``scores.grouped_order``: the least sure task (``method``) of each of ``groups``
+    """``grouped_order``: the least sure task (``method``) of each of ``groups``
     groups of tasks the live model sees alike (``looks``), then the second of each, ..."""
 
     method: TaskScore

@@ -15,7 +15,6 @@ from bench import quality_data as data
 from label_studio_sahi.detector import Detector
 from label_studio_sahi.labeling import parse_label_config
 from label_studio_sahi.predict import ModelBundle, Predictor
-from label_studio_sahi.scores import grouped_order
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +44,26 @@ def test_a_score_order_is_the_data_manager_sorted_by_the_served_score(
     assert active_learning.ScoreOrder(default)(pool) == ascending[: pool.count]
 
 
+def test_the_grouped_order_takes_the_least_sure_task_of_each_kind_first() -> None:
+    # Three crowded frames the model is unsure of and four sparse ones it is surer of: the
+    # score alone lists every crowded frame first, the grouped order one of each kind.
+    scores = [0.05, 0.9, 0.10, 0.6, 0.08, 0.7, 0.95]
+    looks = [[30.0], [1.0], [28.0], [2.0], [33.0], [0.0], [1.0]]
+    assert sorted(range(7), key=lambda i: scores[i])[:3] == [0, 4, 2]
+    order = active_learning.grouped_order(scores, looks, groups=2)
+    assert order[:2] == [0, 3]  # the least sure crowded frame, then the least sure sparse one
+    assert sorted(order) == list(range(7))  # every task, once
+    # Then the second of each kind, and so on, the kind that ran out dropping out.
+    assert order[2:4] == [4, 5] and order[4:] == [2, 1, 6]
+    # As many groups as tasks that look alike at most; one group is the score's own order.
+    assert active_learning.grouped_order(scores, [[1.0]] * 7, groups=4) == sorted(
+        range(7), key=scores.__getitem__
+    )
+    assert active_learning.grouped_order([], [], groups=4) == []
+    with pytest.raises(ValueError):
+        active_learning.grouped_order([0.5], [], groups=2)
+
+
 def test_the_grouped_order_groups_tasks_by_what_the_live_model_suggests_in_them(
     pool: quality.Round,
 ) -> None:
@@ -62,7 +81,7 @@ def test_the_grouped_order_groups_tasks_by_what_the_live_model_suggests_in_them(
     assert [sum(round(float(np.expm1(x))) for x in v) for v in seen] == counts
     assert len(set(counts)) > 1, counts
     assert pool.settings.task_score == "total_uncertainty"
-    want = grouped_order([a.score for a in answers], seen, groups=2, seed=5)
+    want = active_learning.grouped_order([a.score for a in answers], seen, groups=2, seed=5)
     chosen = active_learning.GroupedOrder("total_uncertainty", 2, seed=5)(pool)
     assert chosen == [pool.unlabelled[j] for j in want[: pool.count]]
 

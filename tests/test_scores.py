@@ -17,7 +17,7 @@ from label_studio_sahi.detector import Detector
 from label_studio_sahi.errors import LabelConfigError
 from label_studio_sahi.labeling import parse_label_config
 from label_studio_sahi.predict import ModelBundle, Predictor, merge_passes, sliced_passes
-from label_studio_sahi.scores import agreement, grouped_order, task_score
+from label_studio_sahi.scores import agreement, task_score
 from label_studio_sahi.settings import TaskScore
 from label_studio_sahi.slicing import Detections
 
@@ -57,24 +57,6 @@ def test_agreement_matches_boxes_one_to_one_by_label_and_iou() -> None:
     # Two sliced boxes on one whole-image box: only one can match it.
     doubled = dets((0, 0, 10, 10, 0.9, 0), (1, 1, 10, 10, 0.7, 0))
     assert agreement(dets((0, 0, 10, 10, 0.9, 0)), doubled) == pytest.approx(2 / 3)
-
-
-def test_the_grouped_order_takes_the_least_sure_task_of_each_kind_first() -> None:
-    # Three crowded frames the model is unsure of and four sparse ones it is surer of: the
-    # score alone lists every crowded frame first, the grouped order one of each kind.
-    scores = [0.05, 0.9, 0.10, 0.6, 0.08, 0.7, 0.95]
-    looks = [[30.0], [1.0], [28.0], [2.0], [33.0], [0.0], [1.0]]
-    assert sorted(range(7), key=lambda i: scores[i])[:3] == [0, 4, 2]
-    order = grouped_order(scores, looks, groups=2)
-    assert order[:2] == [0, 3]  # the least sure crowded frame, then the least sure sparse one
-    assert sorted(order) == list(range(7))  # every task, once
-    # Then the second of each kind, and so on, the kind that ran out dropping out.
-    assert order[2:4] == [4, 5] and order[4:] == [2, 1, 6]
-    # As many groups as tasks that look alike at most; one group is the score's own order.
-    assert grouped_order(scores, [[1.0]] * 7, groups=4) == sorted(range(7), key=scores.__getitem__)
-    assert grouped_order([], [], groups=4) == []
-    with pytest.raises(ValueError):
-        grouped_order([0.5], [], groups=2)
 
 
 def test_a_project_picks_its_score_in_its_labeling_config() -> None:
