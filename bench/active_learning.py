@@ -121,21 +121,29 @@ class ScoreOrder:
     method: TaskScore
 
     def __call__(self, now: quality.Round) -> list[int]:
-        served = now.settings.model_copy(update={"task_score": self.method})
-        predictor = Predictor(
-            now.bundle, served, lambda url, _t: np.array(now.scenes[int(url)].image)
-        )
-        config = parse_label_config(data.LABEL_CONFIG)
-        scored = []
-        try:
-            for i in now.unlabelled:
-                inputs = ScoreInputs()
-                image = np.array(now.scenes[i].image)
-                predictor.predict_image(image, config, "image", None, inputs)
-                scored.append((inputs.score(self.method), i))
-        finally:
-            predictor.close()
+        answers = served(now, self.method)
+        scored = [(score, i) for i, (score, _) in zip(now.unlabelled, answers, strict=True)]
         return [i for _, i in sorted(scored)[: now.count]]
+
+
+def served(now: quality.Round, method: TaskScore) -> list[tuple[float, list[dict]]]:
+    """Each unlabelled task as the live models serve it: its score by ``method`` and its
+    Label Studio results."""
+    settings = now.settings.model_copy(update={"task_score": method})
+    predictor = Predictor(
+        now.bundle, settings, lambda url, _t: np.array(now.scenes[int(url)].image)
+    )
+    config = parse_label_config(data.LABEL_CONFIG)
+    answers = []
+    try:
+        for i in now.unlabelled:
+            inputs = ScoreInputs()
+            image = np.array(now.scenes[i].image)
+            result = predictor.predict_image(image, config, "image", None, inputs)
+            answers.append((inputs.score(method), result))
+    finally:
+        predictor.close()
+    return answers
 
 
 def grouped_order(
@@ -149,7 +157,7 @@ def grouped_order(
     of tasks that look alike (k-means, seeded, over ``looks``: one vector per task, for
     example what the model suggests in it), and the order takes the least sure task (lowest
     score) of every group, then the second of every group, and so on; within a layer, the
-    least sure first, ties in task order. Any first N of the order hold min(N, groups) kinds.
+    least sure first, ties in task order. The first N of the order hold up to N kinds.
     """
     if len(task_scores) != len(looks):
         raise ValueError("one look per task")
@@ -190,22 +198,11 @@ class GroupedOrder:
     seed: int
 
     def __call__(self, now: quality.Round) -> list[int]:
-        served = now.settings.model_copy(update={"task_score": self.method})
-        predictor = Predictor(
-            now.bundle, served, lambda url, _t: np.array(now.scenes[int(url)].image)
-        )
-        config = parse_label_config(data.LABEL_CONFIG)
-        task_scores, seen = [], []
-        try:
-            for i in now.unlabelled:
-                inputs = ScoreInputs()
-                image = np.array(now.scenes[i].image)
-                result = predictor.predict_image(image, config, "image", None, inputs)
-                task_scores.append(inputs.score(self.method))
-                seen.append(looks(result))
-        finally:
-            predictor.close()
-        ranked = grouped_order(task_scores, seen, self.groups, self.seed)
+        answers = served(now, self.method)
+        ranked = grouped_order(
+            [score for score, _ in answers], [looks(result) for _, result in answers],
+            self.groups, self.seed,
+        )  # fmt: skip
         return [now.unlabelled[j] for j in ranked[: now.count]]
 
 

@@ -14,7 +14,7 @@ from bench import active_learning, quality
 from bench import quality_data as data
 from label_studio_sahi.detector import Detector
 from label_studio_sahi.labeling import parse_label_config
-from label_studio_sahi.predict import ModelBundle, Predictor
+from label_studio_sahi.predict import ModelBundle, Predictor, TaskPrediction
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +27,24 @@ def pool() -> quality.Round:
     return quality.Round(ModelBundle(detector, None), settings, scenes, [0, 1, 2, 3, 4, 5], 3)
 
 
-def test_a_score_order_is_the_data_manager_sorted_by_the_served_score(
-    pool: quality.Round,
-) -> None:
+def as_served(pool: quality.Round) -> list[TaskPrediction]:
+    """The pool's tasks through /predict's own path, with the default score."""
     import numpy as np
 
     images = [np.array(scene.image) for scene in pool.scenes]
     predictor = Predictor(pool.bundle, pool.settings, lambda url, _t: images[int(url)])
     config = parse_label_config(data.LABEL_CONFIG)
     tasks = [{"id": i, "data": {"image": str(i)}} for i in pool.unlabelled]
-    served = [p.score for p in predictor.predict_tasks(tasks, config)]  # the default score
-    predictor.close()
+    try:
+        return predictor.predict_tasks(tasks, config)
+    finally:
+        predictor.close()
+
+
+def test_a_score_order_is_the_data_manager_sorted_by_the_served_score(
+    pool: quality.Round,
+) -> None:
+    served = [p.score for p in as_served(pool)]  # the default score
     assert len(set(served)) > 1, served  # a real ranking, not a tie kept in task order
     ascending = sorted(pool.unlabelled, key=lambda i: (served[i], i))
     default = pool.settings.task_score
@@ -69,12 +76,7 @@ def test_the_grouped_order_groups_tasks_by_what_the_live_model_suggests_in_them(
 ) -> None:
     import numpy as np
 
-    images = [np.array(scene.image) for scene in pool.scenes]
-    predictor = Predictor(pool.bundle, pool.settings, lambda url, _t: images[int(url)])
-    config = parse_label_config(data.LABEL_CONFIG)
-    tasks = [{"id": i, "data": {"image": str(i)}} for i in pool.unlabelled]
-    answers = predictor.predict_tasks(tasks, config)
-    predictor.close()
+    answers = as_served(pool)
     seen = [active_learning.looks(a.result) for a in answers]
     counts = [len(a.result) for a in answers]
     # log(1 + boxes) per label, of every box suggested; the tasks differ in what they hold.
