@@ -41,7 +41,7 @@ from bench import quality_data as data
 from label_studio_sahi import names
 from label_studio_sahi.detector import Detector
 from label_studio_sahi.labeling import parse_label_config
-from label_studio_sahi.models import project_bundle
+from label_studio_sahi.models import live_version, project_bundle, version_bundle
 from label_studio_sahi.predict import ModelBundle, SliceConfig, sliced_detect
 from label_studio_sahi.redis_server import EmbeddedRedis, connect
 from label_studio_sahi.registry import Registry
@@ -250,9 +250,11 @@ def run_seed(
                 wall = time.monotonic() - start
                 version = registry.get(str(pid), summary["version"])
                 steps = len(version.meta["curves"].get("detector", []))
-                live = registry.live(str(pid)) or "base"
+                # Read once, as serving reads it: the row's version and the bundle agree.
+                live_now = live_version(registry, str(pid))
+                live = live_now.name if live_now is not None else "base"
                 if rows[-1]["version"] != live:  # else the same live model: bundle and score stand
-                    bundle = project_bundle(settings, registry, str(pid))
+                    bundle = version_bundle(settings, live_now)
                     assert bundle.detector is not None
                     live_score = score(
                         bundle.detector, tag, split, slicing, settings.score_threshold

@@ -170,9 +170,8 @@ def _run_lock(client: Any, project: str) -> Iterator[None]:
             lock.release()
 
 
-def _live_name(registry: Registry, project: str) -> str | None:
-    """The live version's name as serving sees it (None: the base models)."""
-    version = live_version(registry, project)
+def _name(version: Version | None) -> str | None:
+    """A version's name; None for the base models (as ``live_version`` gives them)."""
     return version.name if version is not None else None
 
 
@@ -186,7 +185,7 @@ def _run(ctx: JobContext, project: str, reason: str, run_id: str) -> dict[str, A
         if (
             done.status == "accepted"
             and names.META_PARENT_LIVE in done.meta
-            and _live_name(registry, project) == done.meta[names.META_PARENT_LIVE]
+            and _name(live_version(registry, project)) == done.meta[names.META_PARENT_LIVE]
         ):
             registry.set_live(project, done.name)
         return _summary(done.meta, done.name, project)
@@ -202,7 +201,7 @@ def _run(ctx: JobContext, project: str, reason: str, run_id: str) -> dict[str, A
         }
     # Read once: the parent's name and its models are the same version.
     live = live_version(registry, project)
-    live_name = live.name if live is not None else None
+    live_name = _name(live)
     # The parent as it trains (and is judged beside its candidate): in PyTorch.
     parent = version_bundle(ctx.settings.model_copy(update={"detector_engine": "torch"}), live)
     candidates = train_and_evaluate(ctx, data, parent)
