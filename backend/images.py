@@ -31,6 +31,7 @@ import re
 import stat
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -48,6 +49,7 @@ from label_studio_sahi.errors import (
     ImageUnreachable,
     ImageURLError,
 )
+from label_studio_sahi.image_checks import ImageStructure, check_structure
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.studio_auth import LabelStudioAuth, TokenRefreshError, same_origin
 
@@ -92,43 +94,71 @@ def decode_image(data: bytes, settings: Settings) -> Image.Image:
     """Decode image bytes into an RGB image, enforcing every image limit of ``settings``.
 
     Checks, in order: MAX_IMAGE_BYTES, the format against ALLOWED_IMAGE_FORMATS and the
-    dimensions against MAX_IMAGE_PIXELS (both from the header, before decoding), then
-    decodes strictly (truncated data fails), applies the EXIF orientation and converts
-    to RGB (transparent areas on white, 16-bit images scaled rather than clipped).
+    dimensions against MAX_IMAGE_PIXELS (both from the header, before decoding), the
+    structure of a PNG or JPEG (``image_checks``: a truncated or padded file is refused
+    before any decoder sees it), then decodes strictly (truncated data fails), applies the
+    EXIF orientation and converts to RGB (transparent areas on white, 16-bit images
+    scaled rather than clipped).
     """
     image = _opened(data, settings)
     try:
-        try:
-            _load_strictly(image)
-        except Image.DecompressionBombError as exc:
-            raise ImageTooLarge(_bomb_message(exc, settings.max_image_pixels)) from None
-        except Exception:
-            raise ImageFormatError(
-                f"cannot decode the {image.format} image: truncated or not an image"
-            ) from None
-        _apply_exif_orientation(image)
-        return _to_rgb(image)
+        _checked_structure(image, data)
     except ImageError:
         image.close()
         raise
+    return _decode_opened(image, settings)
 
 
 def decode_pixels(data: bytes, settings: Settings) -> np.ndarray:
     """``decode_image``'s pixels as one HWC uint8 array, with the same checks and errors.
 
-    A plain JPEG or PNG (RGB or grey, upright, whole) is decoded by torchvision straight
-    into the array: PIL holds 4 bytes a pixel, and its image beside the array would double
-    the memory of a large image (700 MB at 100 MP instead of 300). The two decoders give
-    the same pixels (libjpeg-turbo both; tested). Anything else goes through PIL.
+    A plain JPEG or PNG (RGB or grey 8-bit, upright, whole, see ``_plain``) is decoded by
+    torchvision straight into the array: PIL holds 4 bytes a pixel, and its image beside
+    the array would double the memory of a large image (700 MB at 100 MP instead of 300).
+    The two decoders give the same pixels (libjpeg-turbo both; tested). Anything else goes
+    through PIL. Every PNG and JPEG passes ``image_checks`` first: libpng under torchvision
+    crashes the process on some malformed files instead of failing.
     """
     image = _opened(data, settings)
-    if _plain(image, data):
+    try:
+        structure = _checked_structure(image, data)
+    except ImageError:
+        image.close()
+        raise
+    if _plain(image, structure):
         try:
             return _torchvision_decode(data)
         except Exception:  # PIL's decode below says what is wrong, in its words
             log.debug("torchvision could not decode a %s; using PIL", image.format)
+    return rgb_pixels(_decode_opened(image, settings))
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image's bytes, opened and checked from its header only: its size is known before
+    a pixel is decoded, so a caller can budget it first (``RequestImages``)."""
+
+    data: bytes
+    width: int
+    height: int
+    settings: Settings
+
+    @property
+    def pixel_count(self) -> int:
+        return self.width * self.height
+
+    def pixels(self) -> np.ndarray:
+        """The decoded RGB pixels (HWC uint8), as ``decode_pixels`` gives them."""
+        return decode_pixels(self.data, self.settings)
+
+
+def open_encoded(data: bytes, settings: Settings) -> EncodedImage:
+    """The image's header checked (MAX_IMAGE_BYTES, ALLOWED_IMAGE_FORMATS, MAX_IMAGE_PIXELS)
+    without decoding it; ``EncodedImage.pixels`` decodes."""
+    image = _opened(data, settings)
+    width, height = image.size
     image.close()
-    return rgb_pixels(decode_image(data, settings))
+    return EncodedImage(data, width, height, settings)
 
 
 # Rows converted at a time by rgb_pixels: a few MB of transient copies at any width.
@@ -151,21 +181,49 @@ def rgb_pixels(image: Image.Image) -> np.ndarray:
 _EXIF_ORIENTATION = 0x0112
 
 
-def _plain(image: Image.Image, data: bytes) -> bool:
-    """A JPEG or PNG that decodes to RGB as it is: no palette, alpha, CMYK or 16-bit
-    conversion, no EXIF rotation, and (JPEG) not cut short (libjpeg pads a truncated
-    file with grey instead of failing)."""
-    if image.format == "JPEG":
-        whole = data.rstrip(b"\0").endswith(b"\xff\xd9")
-    elif image.format == "PNG":
-        whole = True  # libpng fails on a truncated file
-    else:
+def _decode_opened(image: Image.Image, settings: Settings) -> Image.Image:
+    """An opened, structure-checked image decoded strictly, EXIF-oriented, as RGB."""
+    try:
+        try:
+            _load_strictly(image)
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLarge(_bomb_message(exc, settings.max_image_pixels)) from None
+        except Exception:
+            raise ImageFormatError(
+                f"cannot decode the {image.format} image: truncated or not an image"
+            ) from None
+        _apply_exif_orientation(image)
+        return _to_rgb(image)
+    except ImageError:
+        image.close()
+        raise
+
+
+def _checked_structure(image: Image.Image, data: bytes) -> ImageStructure | None:
+    """``image_checks.check_structure`` for the formats it knows (an MPO is a JPEG with
+    more pictures after its first EOI); None for the formats only PIL decodes."""
+    if image.format in ("PNG", "JPEG", "MPO"):
+        structure = check_structure(data)
+        if structure is None:  # PIL found a PNG/JPEG where the magic number says otherwise
+            raise ImageFormatError(f"the {image.format} image does not start as one")
+        if (structure.width, structure.height) != image.size:
+            raise ImageFormatError(f"the {image.format} image's headers disagree on its size")
+        return structure
+    return None
+
+
+def _plain(image: Image.Image, structure: ImageStructure | None) -> bool:
+    """A JPEG or PNG that torchvision decodes to the same RGB pixels as PIL, safely: an
+    8-bit non-interlaced grey/RGB PNG without tRNS, or an 8-bit baseline/progressive grey
+    or YCbCr JPEG (no palette, alpha, CMYK, 16-bit or interlace), not EXIF-rotated. Its
+    structure is already checked, so it is whole."""
+    if structure is None or not structure.torchvision_safe or image.format not in ("JPEG", "PNG"):
         return False
     try:
         upright = image.getexif().get(_EXIF_ORIENTATION, 1) == 1
     except Exception:
         upright = False
-    return whole and upright and image.mode in ("RGB", "L")
+    return upright and image.mode in ("RGB", "L")
 
 
 def _torchvision_decode(data: bytes) -> np.ndarray:
@@ -195,17 +253,19 @@ def _opened(data: bytes, settings: Settings) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=allowed)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(_bomb_message(exc, settings.max_image_pixels)) from None
-    except UnidentifiedImageError:
+    except Exception as exc:  # PIL's parsers raise a zoo of exceptions on corrupt headers
+        # An allowed format's parser may fail on another format's bytes (an ICO holds a
+        # BMP): the magic number still says which format was sent.
         sniffed = _sniff_format(data)
         if sniffed is not None and sniffed not in allowed:
             raise ImageFormatError(
                 f"image format {sniffed} is not allowed (ALLOWED_IMAGE_FORMATS: {shown_allowed})"
             ) from None
-        raise ImageFormatError(
-            f"cannot decode the image: truncated or not an image "
-            f"(ALLOWED_IMAGE_FORMATS: {shown_allowed})"
-        ) from None
-    except Exception:  # PIL's parsers raise a zoo of exceptions on corrupt headers
+        if isinstance(exc, UnidentifiedImageError):
+            raise ImageFormatError(
+                f"cannot decode the image: truncated or not an image "
+                f"(ALLOWED_IMAGE_FORMATS: {shown_allowed})"
+            ) from None
         raise ImageFormatError("cannot decode the image: truncated or not an image") from None
 
     try:
@@ -422,6 +482,15 @@ class ImageLoader:
         data = self.fetch_bytes(url, task_id)
         try:
             return decode_pixels(data, self._settings)
+        except ImageError as exc:
+            raise self._scrubbed(exc) from None
+
+    def load_encoded(self, url: str, task_id: int | None = None) -> EncodedImage:
+        """``load_pixels``'s image fetched and its header checked, not yet decoded: its size
+        can be budgeted before ``EncodedImage.pixels`` decodes it."""
+        data = self.fetch_bytes(url, task_id)
+        try:
+            return open_encoded(data, self._settings)
         except ImageError as exc:
             raise self._scrubbed(exc) from None
 

@@ -26,7 +26,7 @@ from label_studio_sahi import metrics, scores
 from label_studio_sahi.classifier import Classifier
 from label_studio_sahi.detector import Detector
 from label_studio_sahi.errors import BackendError, ImageTooLarge, ImageURLError
-from label_studio_sahi.images import rgb_pixels
+from label_studio_sahi.images import EncodedImage, rgb_pixels
 from label_studio_sahi.labeling import ControlTag, LabelConfig, choices_result, rectangle_result
 from label_studio_sahi.settings import MatchMetric, MergeType, Settings, TaskScore
 from label_studio_sahi.slicing import Detections, merge_detections, slice_windows
@@ -224,11 +224,17 @@ class ScoreInputs:
         return scores.task_score(method, self.scores, self.margins, agreement)
 
 
-# A task's image by URL: decoded (PIL), or as its pixels (ImageLoader.load_pixels).
-ImageLoaderFn = Callable[[str, int | None], Image.Image | np.ndarray]
+# A task's image by URL: decoded (PIL), as its pixels (ImageLoader.load_pixels), or its
+# bytes with the size from its header, not yet decoded (ImageLoader.load_encoded): only
+# this last kind lets RequestImages refuse an image over budget before decoding it.
+LoadedImage = Image.Image | np.ndarray | EncodedImage
+ImageLoaderFn = Callable[[str, int | None], LoadedImage]
 
 
-def as_pixels(image: Image.Image | np.ndarray) -> np.ndarray:
+def as_pixels(image: LoadedImage) -> np.ndarray:
+    """The RGB pixels (HWC uint8) of what an ImageLoaderFn returned, decoding if need be."""
+    if isinstance(image, EncodedImage):
+        return image.pixels()
     return image if isinstance(image, np.ndarray) else rgb_pixels(image)
 
 
@@ -259,7 +265,7 @@ class RequestImages:
         with slot.lock:  # the first task with this URL fetches; the others wait for it
             if slot.pixels is None and slot.error is None:
                 try:
-                    slot.pixels = as_pixels(self._charged(self._load(url, task_id)))
+                    slot.pixels = self._decoded(self._load(url, task_id))
                 except BackendError as exc:
                     slot.error = exc
             if slot.error is not None:
@@ -267,17 +273,29 @@ class RequestImages:
             assert slot.pixels is not None
             return slot.pixels
 
-    def _charged(self, image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
-        height, width = image.shape[:2] if isinstance(image, np.ndarray) else image.size[::-1]
+    def _decoded(self, image: LoadedImage) -> np.ndarray:
+        if not isinstance(image, EncodedImage):  # the loader decoded it already
+            pixels = as_pixels(image)
+            self._charge(pixels.shape[0] * pixels.shape[1])
+            return pixels
+        # Charged from the header, before a pixel is decoded: an image over budget costs
+        # its download only. One that then fails to decode gives its share back.
+        self._charge(image.pixel_count)
+        try:
+            return image.pixels()
+        except BackendError:
+            with self._lock:
+                self._pixels -= image.pixel_count
+            raise
+
+    def _charge(self, pixels: int) -> None:
         with self._lock:
-            self._pixels += width * height
-            spent = self._pixels
-        if spent > self._max_pixels:
-            raise ImageTooLarge(
-                f"this request's images pass MAX_REQUEST_PIXELS ({self._max_pixels:,} pixels "
-                "in all); send fewer tasks per request"
-            )
-        return image
+            if self._pixels + pixels > self._max_pixels:
+                raise ImageTooLarge(
+                    f"this request's images pass MAX_REQUEST_PIXELS ({self._max_pixels:,} "
+                    "pixels in all); send fewer tasks per request"
+                )
+            self._pixels += pixels
 
 
 class Predictor:
@@ -331,8 +349,8 @@ class Predictor:
                 url = data.get(key)
                 if not isinstance(url, str) or not url:
                     raise ImageURLError(f"task data has no image URL under '{key}'")
-                with timings.stage("fetch"):
-                    image = load_image(url, task_id)
+                with timings.stage("fetch"):  # decoding included
+                    image = as_pixels(load_image(url, task_id))
                 result.extend(self.predict_image(image, config, key, timings, inputs))
         except BackendError as exc:
             metrics.TASK_ERRORS.labels(error=exc.code).inc()
@@ -352,7 +370,7 @@ class Predictor:
 
     def predict_image(
         self,
-        image: Image.Image | np.ndarray,
+        image: LoadedImage,
         config: LabelConfig,
         image_key: str | None = None,
         timings: Timings | None = None,

@@ -40,7 +40,7 @@ class Service:
     ) -> None:
         self.settings = settings
         self._loader = ImageLoader(settings) if load_image is None else None
-        self._load_image: ImageLoaderFn = load_image or self._loader.load_pixels  # type: ignore[union-attr]
+        self._load_image: ImageLoaderFn = load_image or self._loader.load_encoded  # type: ignore[union-attr]
         self._pool = ThreadPoolExecutor(settings.image_fetch_concurrency, thread_name_prefix="task")
         self.base = Predictor(bundle, settings, self._load_image, self._pool)
         self.redis = redis_client
