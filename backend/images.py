@@ -40,7 +40,7 @@ import httpx
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from label_studio_sahi.egress import EgressPolicy
+from label_studio_sahi.egress import EgressPolicy, pinned_transport
 from label_studio_sahi.errors import (
     ImageError,
     ImageForbidden,
@@ -443,13 +443,16 @@ class ImageLoader:
             write=settings.image_read_timeout,
             pool=settings.image_read_timeout,
         )
-        self._owns_client = client is None
-        self._client = client or httpx.Client(timeout=self._timeout, follow_redirects=False)
         self._ls_url = (settings.label_studio_url or "").strip().rstrip("/") or None
         key = settings.label_studio_api_key
         self._api_key = key.get_secret_value().strip() if key is not None else ""
         self._auth: LabelStudioAuth | None = None
         self._egress = EgressPolicy(settings.egress_allow, [self._ls_url])
+        self._owns_client = client is None
+        # Connections go only to the addresses the egress check approved (egress.py).
+        self._client = client or httpx.Client(
+            timeout=self._timeout, follow_redirects=False, transport=pinned_transport(self._egress)
+        )
         if self._ls_url and self._api_key and urlsplit(self._ls_url).scheme in ("http", "https"):
             self._auth = LabelStudioAuth(self._api_key, self._ls_url)
 
@@ -634,19 +637,22 @@ class ImageLoader:
         current, hops = url, 0
         while True:
             hop_where = where if hops == 0 else f"{where} (redirected to {_shown(current)})"
-            self._egress.check(current, hop_where)
             auth = self._auth if ls and self._token_may_go_to(current) else None
             try:
-                with self._client.stream(
-                    "GET",
-                    current,
-                    params=params if hops == 0 else None,
-                    auth=auth,
-                    follow_redirects=False,
-                    timeout=self._timeout,
-                    # Images are already compressed; identity also avoids gzip bombs.
-                    headers={"Accept": "image/*, */*;q=0.5", "Accept-Encoding": "identity"},
-                ) as response:
+                with (
+                    # Checked at every hop; this hop connects only where the check approved.
+                    self._egress.pinned(current, hop_where),
+                    self._client.stream(
+                        "GET",
+                        current,
+                        params=params if hops == 0 else None,
+                        auth=auth,
+                        follow_redirects=False,
+                        timeout=self._timeout,
+                        # Images are already compressed; identity also avoids gzip bombs.
+                        headers={"Accept": "image/*, */*;q=0.5", "Accept-Encoding": "identity"},
+                    ) as response,
+                ):
                     location = response.headers.get("Location")
                     if response.is_redirect and location:
                         hops += 1
@@ -697,21 +703,29 @@ class ImageLoader:
             )
         chunks: list[bytes] = []
         received = 0
+        first_byte_at: float | None = None
         for chunk in response.iter_bytes():
+            if not chunk:
+                continue
+            if first_byte_at is None:
+                first_byte_at = time.monotonic()
             received += len(chunk)
             if received > limit:  # Content-Length missing or lying: stop here
                 raise ImageTooLarge(
                     f"{where} is over MAX_IMAGE_BYTES ({_size(limit)}); stopped downloading"
                 )
             chunks.append(chunk)
-            elapsed = time.monotonic() - started
-            if elapsed > deadline:
+            now = time.monotonic()
+            if now - started > deadline:
                 raise ImageUnreachable(
                     f"{where} took over {deadline:g} s to download (IMAGE_DOWNLOAD_DEADLINE)"
                 )
-            if elapsed > RATE_GRACE_SECONDS and received < floor * elapsed:
+            # The rate counts from the first byte: waiting for it is IMAGE_READ_TIMEOUT's
+            # business, and a server that thinks, then sends a small image whole, is no drip.
+            flowing = now - first_byte_at
+            if flowing > RATE_GRACE_SECONDS and received < floor * flowing:
                 raise ImageUnreachable(
-                    f"{where} arrives at {received / elapsed:.0f} bytes/s, below "
+                    f"{where} arrives at {received / flowing:.0f} bytes/s, below "
                     f"IMAGE_MIN_BYTES_PER_SECOND ({floor}); stopped downloading"
                 )
         return b"".join(chunks)

@@ -11,6 +11,7 @@ from typing import Any
 
 import uvicorn
 
+from label_studio_sahi.http_limits import uvicorn_config
 from label_studio_sahi.settings import Settings
 
 LEGACY_TOKEN = "a" * 20 + "0123456789abcdef0123"
@@ -40,9 +41,15 @@ class LiveServer:
     thread: threading.Thread
 
 
-def start_uvicorn(app: Any) -> LiveServer:
-    """Serve ``app`` on 127.0.0.1 on a free port in a thread (real HTTP)."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+def start_uvicorn(app: Any, settings: Settings | None = None) -> LiveServer:
+    """Serve ``app`` on 127.0.0.1 on a free port in a thread (real HTTP), configured as
+    ``ls-sahi serve`` configures uvicorn (http_limits.py) from ``settings``: by default the
+    app's own (``create_app`` keeps them on ``app.state``)."""
+    if settings is None:
+        settings = getattr(getattr(app, "state", None), "settings", None) or make_settings()
+    config = uvicorn_config(
+        app, settings, host="127.0.0.1", port=0, log_level="warning", lifespan="on"
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

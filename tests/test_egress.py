@@ -5,6 +5,15 @@ origin; each test asserts on what those servers received, not only on the error.
 
 from __future__ import annotations
 
+import errno
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -125,6 +134,20 @@ def test_a_drip_feed_is_cut_at_the_deadline_and_at_the_rate_floor(
     assert "IMAGE_MIN_BYTES_PER_SECOND" in err.value.message
 
 
+def test_the_rate_floor_counts_from_the_first_byte_not_from_the_request(
+    servers: Servers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /slow thinks for 1 s, then sends a small PNG whole: past the grace since the request,
+    # yet no drip (the wait for the first byte is IMAGE_READ_TIMEOUT's business).
+    monkeypatch.setattr(images, "RATE_GRACE_SECONDS", 0.3)
+    with ImageLoader(_strict(servers)) as loader:
+        assert loader.load(f"{servers.ls}/slow").size == (24, 16)
+        # A drip once bytes flow is still cut (one byte every 0.1 s, after 0.3 s of it).
+        with pytest.raises(ImageUnreachable) as err:
+            loader.load(f"{servers.ls}/drip")
+    assert "IMAGE_MIN_BYTES_PER_SECOND" in err.value.message
+
+
 def test_egress_allow_reads_hosts_ports_and_networks_from_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -134,3 +157,135 @@ def test_egress_allow_reads_hosts_ports_and_networks_from_the_environment(
     assert Settings(_env_file=None).egress_allow == [  # type: ignore[call-arg]
         "minio:9000", "10.0.0.0/8", "storage.internal",
     ]  # fmt: skip
+
+
+# --- the connection goes where the check approved ----------------------------------------
+
+PUBLIC = "93.184.215.14"  # a global address: the check lets it through
+
+
+class Resolver:
+    """The system resolver (``socket.getaddrinfo``, which both the egress check and the
+    socket layer call) answering ``answers[name]`` in turn, the last one from then on: a
+    rebinding DNS server, inside the test process. Other names resolve as they do.
+
+    Connections (``socket.create_connection``) are recorded; any to an address outside
+    127.0.0.0/8 fails as on a host without a route there, so no test sends a packet off
+    this machine."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, answers: dict[str, list[str]]) -> None:
+        self.answers = answers
+        self.lookups: dict[str, int] = dict.fromkeys(answers, 0)
+        self.connects: list[tuple[str, int]] = []
+        self._getaddrinfo = socket.getaddrinfo
+        self._create_connection = socket.create_connection
+        monkeypatch.setattr(socket, "getaddrinfo", self.getaddrinfo)
+        monkeypatch.setattr(socket, "create_connection", self.create_connection)
+
+    def getaddrinfo(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        if name not in self.answers:
+            return self._getaddrinfo(host, port, *args, **kwargs)
+        turn = min(self.lookups[name], len(self.answers[name]) - 1)
+        self.lookups[name] += 1
+        address = self.answers[name][turn]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, int(port)))]
+
+    def create_connection(self, address: tuple[str, int], *args: Any, **kwargs: Any) -> Any:
+        # As the real one does: resolve (a name would be looked up again here), then connect.
+        for *_, (ip, port) in self.getaddrinfo(address[0], address[1], 0, socket.SOCK_STREAM):
+            self.connects.append((ip, port))
+            if ip.startswith("127."):
+                return self._create_connection((ip, port), *args, **kwargs)
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+
+@pytest.mark.parametrize("via", ["direct", "a redirect from Label Studio"])
+def test_a_name_rebound_to_loopback_after_the_check_reaches_nothing(
+    servers: Servers, monkeypatch: pytest.MonkeyPatch, via: str
+) -> None:
+    servers.state.files["pic.png"] = png()
+    port = urlsplit(servers.other).port
+    # Public when the policy asks, this machine's loopback (where "other" listens) after.
+    dns = Resolver(monkeypatch, {"rebind.test": [PUBLIC, "127.0.0.1"]})
+    url = f"http://rebind.test:{port}/public/pic.png"
+    if via != "direct":
+        url = f"{servers.ls}/redirect?to={quote(url, safe='')}"
+    with ImageLoader(_strict(servers)) as loader, pytest.raises(ImageUnreachable) as err:
+        loader.load(url)
+    assert "cannot connect" in err.value.message
+    assert servers.state.requests_to("other") == []  # the internal server heard nothing
+    assert dns.lookups["rebind.test"] == 1  # resolved once: the check's answer is used
+    assert (PUBLIC, port) in dns.connects and ("127.0.0.1", port) not in dns.connects
+
+
+def test_a_name_allowed_by_egress_allow_is_resolved_once_and_connected_to_that_address(
+    servers: Servers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    servers.state.files["pic.png"] = png()
+    port = urlsplit(servers.other).port
+    dns = Resolver(monkeypatch, {"store.test": ["127.0.0.1", "127.0.0.2"]})
+    with ImageLoader(_strict(servers, "store.test")) as loader:
+        assert loader.load(f"http://store.test:{port}/public/pic.png").size == (24, 16)
+        assert loader.load(f"http://store.test:{port}/public/pic.png").size == (24, 16)
+    assert dns.connects == [("127.0.0.1", port)]  # one connection, kept alive, where resolved
+    assert dns.lookups["store.test"] == 1
+    assert len(servers.state.requests_to("other")) == 2
+
+
+@pytest.fixture
+def https_store(tmp_path: Path) -> Iterator[tuple[int, Path, list[str | None]]]:
+    """An https server on 127.0.0.1 whose self-signed certificate names ``store.test``:
+    ``(port, certificate file, the Host headers it received)``; a PNG at any path."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=store.test", "-addext", "subjectAltName=DNS:store.test",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    image = png(5, 3)
+    names: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            names.append(self.headers.get("Host"))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1], cert, names
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_https_to_a_pinned_address_still_sends_the_name_and_checks_the_certificate(
+    servers: Servers,
+    monkeypatch: pytest.MonkeyPatch,
+    https_store: tuple[int, Path, list[str | None]],
+) -> None:
+    port, cert, hosts = https_store
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust the test's certificate only
+    Resolver(monkeypatch, {"store.test": ["127.0.0.1"], "wrong.test": ["127.0.0.1"]})
+    settings = _strict(servers, "store.test", "wrong.test")
+    with ImageLoader(settings) as loader:
+        # Connected to 127.0.0.1, yet TLS names store.test (SNI) and the certificate is
+        # checked against that name, as is the Host header.
+        assert loader.load(f"https://store.test:{port}/x.png").size == (5, 3)
+        with pytest.raises(ImageUnreachable):
+            loader.load(f"https://wrong.test:{port}/x.png")  # the certificate is not its
+    assert hosts == [f"store.test:{port}"]

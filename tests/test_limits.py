@@ -1,13 +1,18 @@
-"""Bounded by settings, not by what clients send: waiting requests, configs, loaded models."""
+"""Bounded by settings, not by what clients send: waiting requests, configs, loaded models;
+and a limit that would refuse every request stops the backend at start, naming it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from labelled_project import CONFIG
 from PIL import Image
 from servers import make_settings, start_uvicorn, stop_uvicorn
@@ -19,6 +24,7 @@ from label_studio_sahi.redis_server import connect
 from label_studio_sahi.registry import Registry
 from label_studio_sahi.server import create_app
 from label_studio_sahi.service import Service
+from label_studio_sahi.settings import Settings, SettingsError, read_settings
 
 
 def test_requests_past_the_waiting_limit_get_503_and_the_rest_are_answered(
@@ -86,3 +92,80 @@ def test_past_max_project_models_the_least_recent_is_unloaded_and_reloaded_when_
         assert service.version_for(project) == versions[project].model_version
         assert service.loaded_projects() == [project]
     service.close()
+
+
+def test_with_max_waiting_requests_0_a_request_runs_when_a_thread_is_free_and_never_waits(
+    bundle: ModelBundle,
+) -> None:
+    release = threading.Event()
+
+    def slow_image(url: str, task_id: int | None) -> Image.Image:
+        release.wait(30)
+        return Image.new("RGB", (64, 48), "gray")
+
+    settings = make_settings(threads=1, max_waiting_requests=0)
+    live = start_uvicorn(create_app(settings, Service(settings, bundle, load_image=slow_image)))
+    body = {"tasks": [{"id": 1, "data": {"image": "http://x/a.png"}}], "label_config": CONFIG}
+    answers: list[int] = []
+
+    def post() -> None:
+        answers.append(httpx.post(f"{live.url}/predict", json=body, timeout=60).status_code)
+
+    try:
+        running = threading.Thread(target=post)  # the one thread is free: it runs
+        running.start()
+        time.sleep(0.5)
+        refused = httpx.post(f"{live.url}/predict", json=body, timeout=60)  # it would wait
+        assert refused.status_code == 503 and "MAX_WAITING_REQUESTS=0" in refused.json()["detail"]
+        release.set()
+        running.join(60)
+        assert answers == [200]
+        # The thread is free again: the next request runs.
+        assert httpx.post(f"{live.url}/predict", json=body, timeout=60).status_code == 200
+    finally:
+        release.set()
+        stop_uvicorn(live)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("MAX_TASKS_PER_REQUEST", "0"),  # every /predict has at least one task
+        ("MAX_REQUEST_BYTES", "1000"),  # below a labeling config's size
+        ("MAX_IMAGE_BYTES", "0"),
+        ("MAX_IMAGE_PIXELS", "0"),
+        ("MAX_REQUEST_PIXELS", "0"),
+        ("MAX_WAITING_REQUESTS", "-1"),
+        ("THREADS", "0"),
+        ("IMAGE_FETCH_CONCURRENCY", "0"),
+        ("IMAGE_CONNECT_TIMEOUT", "0"),
+        ("IMAGE_READ_TIMEOUT", "-1"),
+        ("IMAGE_DOWNLOAD_DEADLINE", "0"),
+        ("HEADER_TIMEOUT", "0"),
+        ("BODY_DEADLINE", "-5"),
+    ],
+)
+def test_a_limit_that_would_refuse_every_request_is_refused_at_start_naming_it(
+    monkeypatch: pytest.MonkeyPatch, setting: str, value: str
+) -> None:
+    monkeypatch.setenv(setting, value)
+    with pytest.raises(SettingsError) as err:
+        read_settings(_env_file=None)
+    assert err.value.message.startswith(f"invalid settings: {setting}={value}: ")
+    assert "\n" not in err.value.message
+
+
+def test_ls_sahi_serve_prints_one_line_naming_the_bad_setting(tmp_path: Path) -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in Settings.model_fields and k.upper() not in Settings.model_fields
+    }
+    env.update(MODEL_DIR=str(tmp_path), MAX_TASKS_PER_REQUEST="0", HEADER_TIMEOUT="0")
+    run = subprocess.run(
+        [sys.executable, "-m", "label_studio_sahi.cli", "serve"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("ls-sahi: error: invalid settings")
+    assert "MAX_TASKS_PER_REQUEST=0" in run.stderr and "HEADER_TIMEOUT=0" in run.stderr
