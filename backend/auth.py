@@ -6,8 +6,10 @@
 * ``AUTH=auto`` (the default): none when HOST is a loopback address (only this machine can
   connect), otherwise as ``AUTH=basic``;
 * ``AUTH=basic``: BASIC_AUTH_USER / BASIC_AUTH_PASS when set; else ``label-studio`` and a
-  random password generated once, kept in ``MODEL_DIR/auth.json`` (mode 0600) and printed
-  once to the terminal that started the server, as notebook servers do with their token.
+  random password generated once, kept in ``MODEL_DIR/auth.json`` (mode 0600) and shown
+  once on the terminal that started the server (``/dev/tty``), as notebook servers do with
+  their token. It never goes to stdout or stderr: those are the log stream (``docker logs``,
+  journald, a file) whenever the server runs without a terminal; a log line names the file.
 
 ``ls-sahi-connect`` reads the same login to give it to Label Studio (the ML backend's basic
 auth and the webhook's Authorization header), so turning auth on never breaks the wiring.
@@ -18,14 +20,17 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
+import logging
 import os
 import secrets
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from label_studio_sahi import names
+from label_studio_sahi.private_files import private_dir
 from label_studio_sahi.settings import Settings
+
+log = logging.getLogger(__name__)
 
 GENERATED_USER = "label-studio"
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
@@ -75,17 +80,36 @@ def credentials(settings: Settings, *, create: bool = True) -> Credentials | Non
         return stored
     login = Credentials(GENERATED_USER, secrets.token_urlsafe(24))
     if _write_new(path, login):
-        # Printed, never logged: the one time the operator sees it (it stays in the file).
-        print(
+        shown = _tell_terminal(
             f"label-studio-sahi: basic auth is on (HOST={settings.host}). Login: "
             f"{login.user} / {login.password} (kept in {path}; ls-sahi-connect passes it to "
-            "Label Studio)",
-            file=sys.stderr,
-            flush=True,
+            "Label Studio)"
+        )
+        # Where to find it, never what it is.
+        log.warning(
+            "basic_auth_login_generated user=%s file=%s shown_on_terminal=%s",
+            login.user,
+            path,
+            str(shown).lower(),
         )
         return login
     # Another process generated it first: use theirs.
     return _read(path)
+
+
+def _tell_terminal(text: str) -> bool:
+    """Write ``text`` to the controlling terminal, if the process has one.
+
+    ``/dev/tty`` rather than stdout-if-it-is-a-tty: under ``ls-sahi up 2>&1 | tee log`` the
+    operator sits at a terminal while stdout and stderr go to the log; started by Docker,
+    systemd or a test there is no terminal, opening it fails, and the file is the way in."""
+    try:
+        fd = os.open("/dev/tty", os.O_WRONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    with os.fdopen(fd, "w") as tty:
+        tty.write(text + "\n")
+    return True
 
 
 def stored_login(model_dir: Path) -> Credentials | None:
@@ -106,7 +130,7 @@ def _read(path: Path) -> Credentials | None:
 def _write_new(path: Path, login: Credentials) -> bool:
     """Write the login, readable by its owner only, whole or not at all; False when the
     file exists already (another process won the race)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     tmp = path.with_name(f"{names.TMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:

@@ -10,6 +10,14 @@ apart) share one embedded server: a file lock makes "is it running? else start i
 every process using it holds a shared lock on a second file, and the last one to leave
 shuts the server down (after its AOF is flushed). The server runs in its own session, so a
 Ctrl-C in one terminal does not take it from the others.
+
+A process killed outright (SIGKILL, the OOM killer) cannot shut anything down, so
+redis-server runs under a small keeper process (``python -m label_studio_sahi.redis_server``):
+the keeper ends redis-server once no process holds the shared lock any more (the kernel
+drops a dead process's locks), and redis-server gets SIGTERM from the kernel should the
+keeper itself die (Linux ``PR_SET_PDEATHSIG``). redis-server cannot simply die with the
+process that started it: the others may still use it. Its files (AOF, socket, folder) are
+its owner's only: the keeper runs under umask 077, which redis-server inherits.
 """
 
 from __future__ import annotations
@@ -17,8 +25,10 @@ from __future__ import annotations
 import atexit
 import fcntl
 import logging
+import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -28,10 +38,15 @@ from typing import IO
 import redis
 
 from label_studio_sahi import names
+from label_studio_sahi.lifecycle import die_with_parent
+from label_studio_sahi.private_files import private_dir, tighten, use_private_umask
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 10.0  # seconds for redis-server to accept connections
+STOP_TIMEOUT = 10.0  # seconds for redis-server (and its keeper) to exit once asked
+KEEPER_POLL = 0.2  # seconds between the keeper's checks that a process still uses the server
+KEEPER_PID = "keeper.pid"  # in the Redis folder: whoever stops the server last waits for it
 
 
 def redis_executable() -> str:
@@ -84,7 +99,8 @@ class EmbeddedRedis:
         self._users: IO[str] | None = None
 
     def start(self) -> str:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        private_dir(self.folder)
+        tighten(self.folder)  # files an earlier version left 0644
         with _locked(self.folder / names.REDIS_START_LOCK):
             if not _answers(self.url):
                 self._spawn()
@@ -106,15 +122,30 @@ class EmbeddedRedis:
             "--save", "",
             "--daemonize", "no",
         ]  # fmt: skip
+        # The keeper, not redis-server, is this process's child (see the module doc).
+        keeper = [sys.executable, "-m", "label_studio_sahi.redis_server", str(self.folder)]
         self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            [*keeper, *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
+        (self.folder / KEEPER_PID).write_text(str(self.process.pid))
         deadline = time.monotonic() + START_TIMEOUT
         while not _answers(self.url):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"embedded redis-server did not start in {self.folder}")
             time.sleep(0.05)
-        log.info("embedded_redis_started socket=%s pid=%s", self.socket, self.process.pid)
+        pid = connect(self.url).info("server").get("process_id")
+        log.info(
+            "embedded_redis_started socket=%s pid=%s keeper=%s", self.socket, pid, self.process.pid
+        )
+
+    def users_fd(self) -> int | None:
+        """The shared lock's file descriptor, for ``Popen(pass_fds=...)``: the lock is the open
+        file's, so a child given it keeps the server up while it runs, even if this process
+        is killed outright (``up``'s worker, finishing its job)."""
+        return None if self._users is None else self._users.fileno()
 
     def stop(self) -> None:
         """Leave the server; the last process using it shuts it down."""
@@ -136,10 +167,66 @@ class EmbeddedRedis:
         if self.process is not None:
             if last:
                 try:
-                    self.process.wait(timeout=10)
+                    self.process.wait(timeout=STOP_TIMEOUT)
                 except subprocess.TimeoutExpired:
-                    self.process.kill()
+                    self.process.kill()  # redis-server gets SIGTERM as its keeper dies
             self.process = None
+        elif last:
+            _wait_gone(self.folder / KEEPER_PID)  # another process's keeper
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return state not in ("Z", "X")
+
+
+def _wait_gone(pid_file: Path) -> None:
+    """Wait (up to ``STOP_TIMEOUT``) for the keeper named in ``pid_file`` to exit."""
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def keep(folder: Path, args: list[str]) -> int:
+    """The keeper: run redis-server (``args``) until it exits (the last user shut it down)
+    or until no process holds the users' shared lock (they all died), then stop it."""
+    use_private_umask()  # redis-server has no umask option: it inherits this one
+    server = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent
+    )
+    with (folder / names.REDIS_USERS_LOCK).open("a") as users:
+        while True:
+            try:
+                return server.wait(timeout=KEEPER_POLL)
+            except subprocess.TimeoutExpired:
+                pass
+            # Under the start lock: a process about to join has either joined (and holds
+            # its shared lock) or waits until this server is gone and starts its own.
+            with _locked(folder / names.REDIS_START_LOCK):
+                try:
+                    fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # someone still uses it
+                server.terminate()  # redis-server's SIGTERM: it writes the AOF out, then exits
+                try:
+                    return server.wait(timeout=STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    return server.wait()
 
 
 def ensure_redis(redis_url: str | None, model_dir: Path) -> tuple[str, EmbeddedRedis | None]:
@@ -148,3 +235,7 @@ def ensure_redis(redis_url: str | None, model_dir: Path) -> tuple[str, EmbeddedR
         return redis_url, None
     server = EmbeddedRedis(model_dir / names.REDIS_DIR)
     return server.start(), server
+
+
+if __name__ == "__main__":
+    sys.exit(keep(Path(sys.argv[1]), sys.argv[2:]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import redis
@@ -17,6 +18,8 @@ import redis
 from label_studio_sahi.names import LIVE_CHANNEL
 
 log = logging.getLogger(__name__)
+
+STOP_CHECK_SECONDS = 0.5  # how often the watcher looks at its stop flag
 
 
 class LiveWatcher:
@@ -43,15 +46,18 @@ class LiveWatcher:
                 pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(LIVE_CHANNEL)
                 self._safe_call(None)  # catch up on anything missed while (re)connecting
+                polled = time.monotonic()
                 while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=self.poll_seconds)
-                    project = None
+                    # Short waits, so that stop() returns at once (a stopping server must not
+                    # sit out a whole poll interval); the poll itself stays poll_seconds.
+                    message = pubsub.get_message(timeout=min(STOP_CHECK_SECONDS, self.poll_seconds))
                     if message and message.get("type") == "message":
-                        try:
-                            project = str(json.loads(message["data"])["project"])
-                        except (ValueError, KeyError, TypeError):
-                            project = None
-                    self._safe_call(project)
+                        self._safe_call(_project_of(message))
+                    elif time.monotonic() - polled >= self.poll_seconds:
+                        self._safe_call(None)
+                    else:
+                        continue
+                    polled = time.monotonic()
                 pubsub.close()
             except (redis.ConnectionError, OSError) as exc:
                 log.warning("live_watcher_disconnected error=%s", type(exc).__name__)
@@ -62,3 +68,11 @@ class LiveWatcher:
             self.on_change(project)
         except Exception:  # a bad checkpoint must not kill the watcher
             log.exception("live_refresh_failed project=%s", project)
+
+
+def _project_of(message: dict[str, object]) -> str | None:
+    """The project a live-pointer message names; None (check every project) if unreadable."""
+    try:
+        return str(json.loads(message["data"])["project"])  # type: ignore[arg-type]
+    except (ValueError, KeyError, TypeError):
+        return None
