@@ -12,15 +12,21 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from label_studio_sahi.errors import BackendError
-from label_studio_sahi.settings import Settings
+from label_studio_sahi.lifecycle import StopSignals, die_with_parent, stop_worker
+from label_studio_sahi.private_files import private_dir, use_private_umask
+from label_studio_sahi.settings import Settings, read_settings
 from label_studio_sahi.studio import project_id
 
 log = logging.getLogger(__name__)
+
+# Run by main() however the command ends, a stop signal included (the embedded Redis's stop).
+_at_stop: list[Callable[[], None]] = []
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for `yes | head -1`'s yes
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -38,7 +44,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["full_image_pass"] = False
     if getattr(args, "merge", None):
         overrides["merge_type"] = args.merge
-    return Settings(**overrides)  # type: ignore[arg-type]
+    # An unusable value is one line naming the setting (main prints it), not a traceback.
+    return read_settings(**overrides)
 
 
 def _log_settings(settings: Settings) -> None:
@@ -54,7 +61,10 @@ def _redis(settings: Settings) -> tuple[str, Any, Any]:
     """``(url, client, embedded server or None)`` for REDIS_URL or the embedded Redis."""
     from label_studio_sahi.redis_server import connect, ensure_redis
 
+    private_dir(settings.model_dir)
     url, server = ensure_redis(settings.redis_url, settings.model_dir)
+    if server is not None:
+        _at_stop.append(server.stop)
     return url, connect(url), server
 
 
@@ -62,6 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from label_studio_sahi import logs
+    from label_studio_sahi.http_limits import uvicorn_options
     from label_studio_sahi.server import create_app
     from label_studio_sahi.service import Service
 
@@ -74,12 +85,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # this process's Redis, embedded or not.
         os.environ["REDIS_URL"] = url
         uvicorn.run(
-            "label_studio_sahi.server:create_app", factory=True, host=settings.host, port=settings.port,
-            workers=settings.workers, log_config=None,
+            "label_studio_sahi.server:create_app", factory=True, workers=settings.workers,
+            **uvicorn_options(settings),
         )  # fmt: skip
         return 0
     app = create_app(settings, Service.from_settings(settings, client))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None)
+    uvicorn.run(app, **uvicorn_options(settings))
     return 0
 
 
@@ -87,9 +98,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.gpu is not None:
         # Before torch is imported anywhere in this process (and its forked work horses).
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
-    from rq import Worker
-
     from label_studio_sahi import logs
+    from label_studio_sahi.rq_worker import RequeueingWorker
 
     settings = _settings(args)
     logs.configure(settings.log_level)
@@ -97,7 +107,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _url, client, _server = _redis(settings)
     queues = [settings.train_queue, settings.predict_queue]
     interval = settings.worker_maintenance_interval
-    worker = Worker(
+    worker = RequeueingWorker(
         queues,
         connection=client,
         name=args.name,
@@ -110,7 +120,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         job_monitoring_interval=min(30, interval),
     )
     # rq handles SIGTERM/SIGINT: the first finishes the current job (warm shutdown), a second
-    # stops it now (cold); a job cut short is retried (Retry) by the next worker.
+    # stops it now (cold) and RequeueingWorker puts the job back on its queue. main() then
+    # stops the embedded Redis, if this process started it.
     worker.work(with_scheduler=True, burst=args.burst, logging_level=settings.log_level)
     return 0
 
@@ -122,20 +133,34 @@ def cmd_up(args: argparse.Namespace) -> int:
     from label_studio_sahi.redis_server import ensure_redis
 
     settings = _settings(args)
+    private_dir(settings.model_dir)
     url, server = ensure_redis(settings.redis_url, settings.model_dir)
     env = {**os.environ, "REDIS_URL": url}
-    worker = subprocess.Popen([sys.executable, "-m", "label_studio_sahi.cli", "worker"], env=env)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "label_studio_sahi.cli", "worker"],
+        env=env,
+        # Its own process group: a Ctrl-C at the terminal reaches this process only, which
+        # passes one SIGTERM on (two would be rq's cold stop). It gets SIGTERM from the
+        # kernel should this process be killed outright.
+        process_group=0,
+        preexec_fn=die_with_parent,
+        pass_fds=_users_fds(server),
+    )
     os.environ["REDIS_URL"] = url
+    signals: StopSignals = args.stop_signals
     try:
         return cmd_serve(args)
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        signals.cleaning_up()  # a second SIGTERM from here on: the worker's cold stop
+        stop_worker(worker, settings.worker_stop_timeout, signals.hurry)
         if server is not None:
             server.stop()
+
+
+def _users_fds(server: Any) -> list[int]:
+    """The embedded Redis's users lock, handed to the worker: held while either runs."""
+    fd = None if server is None else server.users_fd()
+    return [] if fd is None else [fd]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -354,12 +379,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    use_private_umask()  # what it writes under MODEL_DIR (checkpoints, Redis) is 0600/0700
+    # SIGTERM/SIGINT become SystemExit, so the finally below (and the commands') runs.
+    args.stop_signals = StopSignals().install()
     try:
         return int(args.func(args))
     except BackendError as exc:
         # One clear line (e.g. the hub is unreachable: where to point DETECTOR_MODEL instead).
         print(f"ls-sahi: error: {exc.message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader left (`ls-sahi predict *.png | head -1`): stop quietly, as `yes | head`
+        # does. Python flushes stdout again at exit and would fail once more, so stdout
+        # points at /dev/null from here (the recipe in the docs of the signal module).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    finally:
+        args.stop_signals.cleaning_up()
+        while _at_stop:
+            _at_stop.pop()()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Every error is a :class:`BackendError` answered as JSON ``{"error", "detail", "s
 with a 4xx/5xx status; one bad task never fails the batch.
 
 Route handlers are module-level functions on :data:`router`; they find the process's
-:class:`Service`, settings and request limiter on ``request.app.state`` (set by
+:class:`Service`, settings and admission pool on ``request.app.state`` (set by
 :func:`create_app`).
 """
 
@@ -29,8 +29,10 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from label_studio_sahi import __version__, metrics, ui
+from label_studio_sahi import __version__, browser_guard, metrics, ui
+from label_studio_sahi.admission import Admission
 from label_studio_sahi.auth import Credentials, credentials
 from label_studio_sahi.bulk_predict import enqueue_bulk, job_progress
 from label_studio_sahi.errors import (
@@ -42,6 +44,7 @@ from label_studio_sahi.errors import (
     RequestTooLarge,
     Unauthorized,
 )
+from label_studio_sahi.http_limits import BODY_TIMED_OUT
 from label_studio_sahi.labeling import parse_label_config
 from label_studio_sahi.predict import TaskPrediction
 from label_studio_sahi.redis_server import connect, ensure_redis
@@ -104,13 +107,18 @@ def create_app(settings: Settings | None = None, service: Service | None = None)
     app.state.service = service
     app.state.credentials = credentials(settings)
     app.state.redis_probe = _probe_client(service.redis)
-    # Concurrent /predict requests per process; the rest wait (Label Studio retries nothing).
-    app.state.limiter = anyio.CapacityLimiter(settings.threads)
+    # Concurrent /predict requests per process; a few more wait, the rest get 503 at once.
+    app.state.predict_admission = Admission(
+        "/predict", settings.threads, settings.max_waiting_requests
+    )
+    # Allowed hosts, the page's form tokens and its own thread limits (browser_guard.py).
+    browser_guard.install(app, settings)
     app.middleware("http")(_observe)
     app.exception_handler(BackendError)(_backend_error)
     app.exception_handler(ValidationError)(_validation_error)
     app.exception_handler(StarletteHTTPException)(_http_error)
     app.exception_handler(redis.RedisError)(_redis_error)
+    app.exception_handler(ClientDisconnect)(_client_gone)
     app.exception_handler(Exception)(_unexpected_error)
     app.include_router(router)
     app.include_router(ui.router)  # the curators' page
@@ -146,13 +154,17 @@ def _optional_project(value: str | int | None) -> str | None:
 async def _observe(
     request: Request, call_next: Callable[[Request], Awaitable[Response]]
 ) -> Response:
-    """Basic auth, then the route; every request counted, timed and logged (never its body)."""
+    """Host, origin and basic auth, then the route; every request counted, timed and
+    logged (never its body), every response with the security headers."""
     start = time.perf_counter()
     try:
+        # Before basic auth: a rebound name or a page of another site gets no login prompt.
+        browser_guard.check(request)
         _check_basic_auth(request)
         response = await call_next(request)
     except BackendError as exc:
         response = error_response(exc)
+    browser_guard.secure_headers(response)
     elapsed = time.perf_counter() - start
     # The route's template (/bulk-predict/{project}), never the raw path: one series per
     # route, however many paths clients make up.
@@ -199,7 +211,9 @@ def _check_basic_auth(request: Request) -> None:
 
 def error_response(exc: BackendError) -> JSONResponse:
     """The JSON answer for an error: ``{"error", "detail", "status_code"}`` with its status."""
-    headers = {"WWW-Authenticate": 'Basic realm="label-studio-sahi"'} if exc.status == 401 else None
+    headers = dict(browser_guard.SECURITY_HEADERS)  # also on a 500, which skips _observe
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = 'Basic realm="label-studio-sahi"'
     return JSONResponse(exc.to_json(), status_code=exc.status, headers=headers)
 
 
@@ -221,6 +235,16 @@ async def _redis_error(_: Request, exc: redis.RedisError) -> JSONResponse:
     return error_response(Busy(f"Redis is unavailable ({type(exc).__name__}); try again"))
 
 
+async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    # The client left mid-body, or took past BODY_DEADLINE (http_limits.py answered it 408):
+    # nothing to log as a failure, and nobody to answer; the status is for the metrics.
+    if request.scope.get(BODY_TIMED_OUT):
+        log.info("request_timeout: the body did not arrive within BODY_DEADLINE")
+        return Response(status_code=408)
+    log.info("client_disconnected before its request body arrived")
+    return Response(status_code=499)  # nginx's "client closed request"
+
+
 async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled_error type=%s", type(exc).__name__)
     return error_response(InternalError(f"{type(exc).__name__}: see the server log"))
@@ -238,17 +262,11 @@ def _validation_message(exc: ValidationError) -> str:
 
 
 async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON, refusing bodies over ``limit`` bytes before reading them whole."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise RequestTooLarge(
-            f"request body is {int(declared)} bytes, above MAX_REQUEST_BYTES={limit}"
-        )
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestTooLarge(f"request body is above MAX_REQUEST_BYTES={limit}")
+    """The request body as JSON, sent as ``application/json`` (a page of another site cannot
+    send that without a preflight), refusing bodies over ``limit`` bytes before reading them
+    whole."""
+    browser_guard.require_json(request)
+    body = await browser_guard.read_body(request, limit)
     if not body:
         raise BadRequest("request body is empty; expected a JSON object")
     try:
@@ -327,13 +345,6 @@ async def predict(request: Request) -> JSONResponse:
             f"{len(body.tasks)} tasks in one request, above MAX_TASKS_PER_REQUEST={settings.max_tasks_per_request}"
         )
     project = _optional_project(body.project)
-    limiter: anyio.CapacityLimiter = request.app.state.limiter
-    waiting = limiter.statistics().tasks_waiting
-    if waiting >= settings.max_waiting_requests:
-        raise Busy(
-            f"{waiting} /predict requests are already waiting for a free thread "
-            f"(MAX_WAITING_REQUESTS={settings.max_waiting_requests}); try again shortly"
-        )
 
     def run() -> tuple[list[TaskPrediction], str]:
         xml = body.label_config
@@ -345,7 +356,8 @@ async def predict(request: Request) -> JSONResponse:
         predictor = service.predictor_for(project)
         return predictor.predict_tasks(body.tasks, config), predictor.bundle.version
 
-    predictions, version = await anyio.to_thread.run_sync(run, limiter=limiter)
+    admission: Admission = request.app.state.predict_admission
+    predictions, version = await admission.run(run)
     metrics.TASKS.inc(len(predictions))
     return _predict_answer(body.tasks, predictions, version)
 

@@ -11,10 +11,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from label_studio_sahi import names
+from label_studio_sahi.errors import BackendError
 
 # How boxes found in overlapping windows are merged (sahi's names; slicing.py implements
 # them): non-maximum suppression, non-maximum merging, greedy NMM; and the overlap measure,
@@ -25,6 +33,9 @@ MatchMetric = Literal["IOU", "IOS"]
 # What runs the detector's forward pass (engine.py): `auto` is ONNX Runtime on a CPU and
 # PyTorch on CUDA.
 Engine = Literal["auto", "torch", "onnxruntime"]
+# The smallest MAX_REQUEST_BYTES accepted: below it, ordinary /setup and /predict bodies (a
+# labeling config with a few dozen labels is several KiB) would all be refused.
+MIN_REQUEST_BYTES = 64 * 2**10
 # What a task's prediction score measures (scores.py says how each is computed).
 TaskScore = Literal[
     "least_confidence", "margin", "mean_confidence", "total_uncertainty", "disagreement"
@@ -58,6 +69,15 @@ class Settings(BaseSettings):
     metrics_open: bool = Field(
         False,
         description="Serve /metrics without auth (a Prometheus scraper on a private network).",
+    )
+    # NoDecode: the environment gives "localhost,ml.example.org:9090"; the validator splits it.
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="Host headers served (names on any port, host:port, `*` = any); others "
+        "get 400, on every route (/health too: probes of a loopback bind say localhost). "
+        "Unset: on a loopback HOST `localhost,127.0.0.1,[::1]` (a page whose DNS name is "
+        "rebound to 127.0.0.1 gets nothing); on any other HOST any host (Label Studio "
+        "reaches the backend by whatever name the deployer chose; the login guards it).",
     )
 
     # --- Label Studio -------------------------------------------------------------------
@@ -170,7 +190,9 @@ class Settings(BaseSettings):
         120.0, gt=0, description="Seconds one image download may take in all, redirects included."
     )
     image_min_bytes_per_second: int = Field(
-        4096, ge=0, description="Slowest image download kept after its first 5 s (0: no floor)."
+        4096,
+        ge=0,
+        description="Slowest image download kept 5 s after its first byte (0: no floor).",
     )
     egress_allow: Annotated[list[str], NoDecode] = Field(
         [],
@@ -178,9 +200,29 @@ class Settings(BaseSettings):
         "host:port or networks (LABEL_STUDIO_URL's host always may).",
     )
     max_tasks_per_request: int = Field(64, ge=1, description="Largest /predict batch.")
-    max_request_bytes: int = Field(16 * 2**20, ge=1, description="Largest request body, bytes.")
+    max_request_bytes: int = Field(
+        16 * 2**20,
+        ge=MIN_REQUEST_BYTES,
+        description="Largest request body, bytes (at least 65536: a labeling config is sent "
+        "with every /setup and /predict).",
+    )
     max_waiting_requests: int = Field(
-        32, ge=0, description="/predict requests that may wait for a free thread; more get 503."
+        32,
+        ge=0,
+        description="/predict requests that may wait for a free thread; more get 503 (0: "
+        "none wait, a request runs only if a thread is free).",
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send a request's headers, from connecting or "
+        "from the end of its previous request; then the connection is closed (408).",
+    )
+    body_deadline: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a client has to send a request's whole body, from the end of "
+        "its headers; then 408 and the connection is closed.",
     )
     max_project_models: int = Field(
         16,
@@ -211,6 +253,12 @@ class Settings(BaseSettings):
         30,
         ge=1,
         description="Seconds between a worker's checks for jobs abandoned by a dead worker.",
+    )
+    worker_stop_timeout: float = Field(
+        90.0,
+        gt=0,
+        description="Seconds `ls-sahi up` lets its worker finish the running job on SIGTERM; "
+        "then it stops the job and puts it back on the queue.",
     )
 
     # --- training trigger ---------------------------------------------------------------------
@@ -277,7 +325,7 @@ class Settings(BaseSettings):
         description="Serving processes check the live version this often if pub/sub is lost.",
     )
 
-    @field_validator("egress_allow", "allowed_image_formats", mode="before")
+    @field_validator("egress_allow", "allowed_image_formats", "allowed_hosts", mode="before")
     @classmethod
     def _split_list(cls, value: object, info: ValidationInfo) -> object:
         # Environment variables are plain strings: accept "JPEG,PNG" as well as JSON lists.
@@ -353,6 +401,38 @@ VERSION_SETTINGS = (
     "min_area_ratio",
     "negative_window_ratio",
 )
+
+
+class SettingsError(BackendError):
+    """A setting the backend cannot start with (a limit that would refuse every request, a
+    timeout of 0...); the message names the setting as the environment spells it."""
+
+    code = "bad_setting"
+
+
+def read_settings(**overrides: object) -> Settings:
+    """Settings from the environment and ``overrides``; an invalid value raises
+    :class:`SettingsError` with one line naming each bad setting (what ``ls-sahi`` prints)."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise SettingsError(_one_line(exc)) from None
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if not field:  # a rule across settings: its message names them
+            parts.append(message)
+            continue
+        value = err.get("input")
+        info = Settings.model_fields.get(field)
+        secret = info is not None and "SecretStr" in str(info.annotation)  # never echo one
+        shown = "" if secret or isinstance(value, dict) else f"={_redact_value(value)}"
+        parts.append(f"{field.upper()}{shown}: {message}")
+    return "invalid settings: " + "; ".join(parts)
 
 
 @lru_cache(maxsize=1)

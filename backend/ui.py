@@ -8,10 +8,19 @@ and the boxes of any two versions side by side, predicted as ``/predict`` would.
 live or rolling back to the base (``ls-sahi rollback``), training now (``ls-sahi train``),
 predicting every task (``ls-sahi predict-project``). No front-end build: HTML, a little CSS,
 and a refresh every few seconds while a job runs.
+
+Under browser_guard.py's rules: its forms carry the project's form token and its POST routes
+refuse a form without it; rolling back and predicting every task ask for a confirmation
+(one inline script, allowed by its hash in the page's CSP, as the inline style is); its
+image and model work (previews, the metrics plot) and its other work (the page, its
+buttons) each run in threads of their own under THREADS and MAX_WAITING_REQUESTS, and a
+preview's image counts against MAX_REQUEST_PIXELS as /predict's do.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import threading
 from collections import OrderedDict
@@ -19,16 +28,16 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from tqdm import tqdm
 
-from label_studio_sahi import names, ui_images
+from label_studio_sahi import browser_guard, names, ui_images
+from label_studio_sahi.browser_guard import FORM_TOKEN_FIELD, Admission, FormTokens
 from label_studio_sahi.errors import BadRequest, NotFound
 from label_studio_sahi.labeling import LabelConfig, parse_label_config
 from label_studio_sahi.models import load_version_bundle
-from label_studio_sahi.predict import ModelBundle, Predictor, as_pixels
+from label_studio_sahi.predict import ModelBundle, Predictor, RequestImages
 from label_studio_sahi.queueing import job_state
 from label_studio_sahi.registry import Version, VersionNotFound
 from label_studio_sahi.service import Service
@@ -51,6 +60,30 @@ button{padding:3px 10px;cursor:pointer}.job{padding:6px 10px;background:#f5f5f5;
 img{max-width:420px;border:1px solid #ddd;margin:4px}
 .previews,.row{display:flex;flex-wrap:wrap;gap:8px}.previews img{max-width:48vw}
 """
+# What the confirmation dialogs ask (project ids are digits: nothing to escape).
+ROLLBACK_CONFIRM = "Roll project {project} back to the base models? /predict serves them at once."
+BULK_CONFIRM = "Predict every task of project {project} with the live version?"
+# The page's one script: a form with data-confirm (roll back, predict every task) is sent
+# only once the curator says yes.
+SCRIPT = """
+document.addEventListener("submit", function (event) {
+  var ask = event.target.getAttribute("data-confirm");
+  if (ask && !window.confirm(ask)) { event.preventDefault(); }
+});
+"""
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+# Only the page's own resources: its images, its one style and script (by hash, never
+# 'unsafe-inline'), forms to itself; never framed (its buttons act on one click).
+PAGE_CSP = (
+    f"default-src 'self'; script-src {_csp_hash(SCRIPT)}; style-src {_csp_hash(STYLE)}; "
+    "img-src 'self'; object-src 'none'; frame-ancestors 'none'; form-action 'self'; "
+    "base-uri 'none'"
+)
 
 
 def _service(request: Request) -> Service:
@@ -58,6 +91,30 @@ def _service(request: Request) -> Service:
     if service.redis is None:
         raise BadRequest(NEEDS_REDIS)
     return service
+
+
+def _images(request: Request) -> Admission:
+    admission: Admission = request.app.state.page_images
+    return admission
+
+
+def _work(request: Request) -> Admission:
+    admission: Admission = request.app.state.page_work
+    return admission
+
+
+def _token_input(token: str) -> str:
+    return f'<input type="hidden" name="{FORM_TOKEN_FIELD}" value="{html.escape(token)}">'
+
+
+async def _form(request: Request, project: str) -> dict[str, str]:
+    """The POSTed form, read under MAX_REQUEST_BYTES, once its token is checked."""
+    limit = request.app.state.settings.max_request_bytes
+    raw = await browser_guard.read_body(request, limit)
+    form = {k: v[0] for k, v in parse_qs(raw.decode("utf-8", "replace")).items()}
+    tokens: FormTokens = request.app.state.form_tokens
+    tokens.check(project, form.get(FORM_TOKEN_FIELD, ""))
+    return form
 
 
 def _metric(value: Any) -> str:
@@ -77,15 +134,16 @@ def _age(created: str | None) -> str:
     return "just now"
 
 
-def _version_row(project: str, version: Version, live: str | None) -> str:
+def _version_row(project: str, version: Version, live: str | None, token: str) -> str:
     candidate = version.held_out
     dataset = version.meta.get("dataset") or {}
     is_live = version.name == live
     action = (
         '<span class="muted">live</span>'
         if is_live
-        else f'<form method="post" action="/ui/{project}/live"><input type="hidden" '
-        f'name="version" value="{html.escape(version.name)}"><button>make live</button></form>'
+        else f'<form method="post" action="/ui/{project}/live">{_token_input(token)}<input '
+        f'type="hidden" name="version" value="{html.escape(version.name)}"><button>make live'
+        "</button></form>"
     )
     cells = [
         html.escape(version.name),
@@ -152,7 +210,8 @@ def _preview_section(project: str, names_: list[str], task: str, a: str, b: str)
     return f'{form}<div class="previews">{figures}</div>'
 
 
-def render(service: Service, project: str, query: dict[str, str] | None = None) -> str:
+def render(service: Service, project: str, token: str, query: dict[str, str] | None = None) -> str:
+    """The page; ``token``: the project's form token, put in every form that acts."""
     query = query or {}
     registry = service.registry
     live = registry.live(project)
@@ -169,10 +228,12 @@ def render(service: Service, project: str, query: dict[str, str] | None = None) 
     base_button = (
         '<span class="muted">(live)</span>'
         if live is None
-        else f'<form method="post" action="/ui/{project}/live"><input type="hidden" name="version" '
-        'value="base"><button>roll back to base</button></form>'
+        else f'<form method="post" action="/ui/{project}/live" '
+        f'data-confirm="{ROLLBACK_CONFIRM.format(project=project)}">'
+        f'{_token_input(token)}<input type="hidden" name="version" value="base"><button>roll '
+        "back to base</button></form>"
     )
-    rows = "".join(_version_row(project, v, live) for v in versions)
+    rows = "".join(_version_row(project, v, live, token) for v in versions)
     choices = ["live", "base", *(v.name for v in versions)]
     older = next((v.name for v in versions if v.name != live), "base")
     preview = _preview_section(
@@ -185,7 +246,8 @@ def render(service: Service, project: str, query: dict[str, str] | None = None) 
         if (v.path / names.CURVES_FILE).is_file()
     )
     return f"""<!doctype html><html><head><meta charset="utf-8">{head}
-<title>label-studio-sahi · project {project}</title><style>{STYLE}</style></head><body>
+<title>label-studio-sahi · project {project}</title><style>{STYLE}</style>
+<script>{SCRIPT}</script></head><body>
 <h1>Project {project}</h1>
 <p>Live: <b id="live">{html.escape(live or "base")}</b> · base models
 <code>{html.escape(service.base_version)}</code> {base_button}</p>
@@ -193,8 +255,9 @@ def render(service: Service, project: str, query: dict[str, str] | None = None) 
 <table><tr><th>version</th><th>model version</th><th>status</th><th>mAP</th><th>mAP@.5</th>
 <th>mAP small</th><th>training tasks</th><th>parent</th><th>age</th><th></th></tr>{rows}</table>
 <h2>Jobs</h2>{"".join(_job_line(k, s) for k, s in jobs.items())}
-<form method="post" action="/ui/{project}/train"><button>train now</button></form>
-<form method="post" action="/ui/{project}/bulk-predict"><button>predict every task</button></form>
+<form method="post" action="/ui/{project}/train">{_token_input(token)}<button>train now</button></form>
+<form method="post" action="/ui/{project}/bulk-predict" data-confirm="{BULK_CONFIRM.format(project=project)}">
+{_token_input(token)}<button>predict every task</button></form>
 <h2>Metrics per version</h2><img src="/ui/{project}/{METRICS_PLOT}" alt="held-out metrics per version" id="metrics-plot">
 <h2>Loss curves</h2><div class="row">{curves or '<p class="muted">none yet</p>'}</div>
 <h2>Preview</h2><p class="muted">A task's image, its slice grid and the boxes two versions
@@ -206,7 +269,10 @@ suggest for it, as /predict would (live: what serves now).</p>{preview}
 async def page(request: Request, project: str) -> HTMLResponse:
     service, pid = _service(request), project_id(project)
     query = {k: v for k, v in request.query_params.items() if k in ("task", "a", "b")}
-    return HTMLResponse(await anyio.to_thread.run_sync(render, service, pid, query))
+    tokens: FormTokens = request.app.state.form_tokens
+    token = tokens.token(pid)
+    text = await _work(request).run(lambda: render(service, pid, token, query))
+    return HTMLResponse(text, headers={"Content-Security-Policy": PAGE_CSP})
 
 
 @router.get(f"/ui/{{project}}/{METRICS_PLOT}")
@@ -216,7 +282,7 @@ async def metrics_plot(request: Request, project: str) -> Response:
     def draw() -> bytes:
         return ui_images.metrics_plot(service.registry.versions(pid), service.registry.live(pid))
 
-    return Response(await anyio.to_thread.run_sync(draw), media_type="image/png")
+    return Response(await _images(request).run(draw), media_type="image/png")
 
 
 class PreviewModels:
@@ -293,8 +359,10 @@ async def preview_image(request: Request, project: str) -> Response:
             raise BadRequest(f"task {raw_task} has no image under {list(config.image_keys)}")
         bundle = models.bundle(service, pid, name)
         predictor = Predictor(bundle, service.settings, service.base.load_image)
+        # As /predict loads a request's images: within MAX_REQUEST_PIXELS.
+        images = RequestImages(service.base.load_image, service.settings.max_request_pixels)
         try:
-            pixels = as_pixels(service.base.load_image(data[key], int(raw_task)))
+            pixels = images(data[key], int(raw_task))
             result = predictor.predict_image(pixels, config, key)
         finally:
             predictor.close()
@@ -304,14 +372,15 @@ async def preview_image(request: Request, project: str) -> Response:
         caption = f"task {raw_task} · {name} ({bundle.version}) · {len(boxes)} boxes"
         return ui_images.preview(pixels, boxes, windows, labels, caption), len(boxes)
 
-    png, count = await anyio.to_thread.run_sync(draw)
+    png, count = await _images(request).run(draw)
     return Response(png, media_type="image/png", headers={"X-Boxes": str(count)})
 
 
 @router.get(f"/ui/{{project}}/{{version}}/{names.CURVES_FILE}")
 async def curves(request: Request, project: str, version: str) -> FileResponse:
+    service, pid = _service(request), project_id(project)
     try:
-        found = _service(request).registry.get(project_id(project), version)
+        found = await _work(request).run(lambda: service.registry.get(pid, version))
     except VersionNotFound:
         raise NotFound(f"project {project} has no version {version}") from None
     path = found.path / names.CURVES_FILE
@@ -324,8 +393,7 @@ async def curves(request: Request, project: str, version: str) -> FileResponse:
 async def make_live(request: Request, project: str) -> RedirectResponse:
     """Promote or roll back, as ``ls-sahi rollback`` does; this process swaps at once."""
     service, pid = _service(request), project_id(project)
-    form = parse_qs((await request.body()).decode("utf-8", "replace"))
-    version = (form.get("version") or [""])[0]
+    version = (await _form(request, pid)).get("version", "")
     if not version:
         raise BadRequest("the form has no version")
 
@@ -335,7 +403,7 @@ async def make_live(request: Request, project: str) -> RedirectResponse:
         service.refresh(pid)
 
     try:
-        await anyio.to_thread.run_sync(move)
+        await _work(request).run(move)
     except VersionNotFound:
         raise NotFound(f"project {project} has no version {version}") from None
     return RedirectResponse(f"/ui/{pid}", status_code=303)
@@ -348,8 +416,9 @@ async def train(request: Request, project: str) -> RedirectResponse:
 
     service, pid = _service(request), project_id(project)
     assert service.redis is not None
+    await _form(request, pid)
     trigger = TrainingTrigger(service.redis, service.settings)
-    await anyio.to_thread.run_sync(lambda: trigger.enqueue(pid, reason="curators' page", delay=0))
+    await _work(request).run(lambda: trigger.enqueue(pid, reason="curators' page", delay=0))
     return RedirectResponse(f"/ui/{pid}", status_code=303)
 
 
@@ -361,5 +430,6 @@ async def bulk_predict(request: Request, project: str) -> RedirectResponse:
     service, pid = _service(request), project_id(project)
     assert service.redis is not None
     client = service.redis
-    await anyio.to_thread.run_sync(lambda: enqueue_bulk(client, service.settings, pid))
+    await _form(request, pid)
+    await _work(request).run(lambda: enqueue_bulk(client, service.settings, pid))
     return RedirectResponse(f"/ui/{pid}", status_code=303)

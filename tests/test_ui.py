@@ -12,88 +12,35 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
 from e2e.screenshot import CHROMIUM_ARGS, chromium
 from fake_studio import FakeStudio
-from labelled_project import CONFIG, labelled_project
-from servers import LiveServer, start_uvicorn, stop_uvicorn
-from stack import job_done, stack_settings, start_worker
+from labelled_project import CONFIG
+from servers import start_uvicorn, stop_uvicorn
+from stack import job_done, start_worker
+from ui_backend import Backend, changed, serving_page
 
 from label_studio_sahi import names
 from label_studio_sahi.bulk_predict import enqueue_bulk
 from label_studio_sahi.predict import ModelBundle
 from label_studio_sahi.redis_server import connect
-from label_studio_sahi.registry import Registry
 from label_studio_sahi.server import create_app
 from label_studio_sahi.service import Service
-from label_studio_sahi.settings import Settings
-from label_studio_sahi.training.job import _plot_curves
 from label_studio_sahi.trigger import TrainingTrigger
 
 pytestmark = pytest.mark.skipif(chromium() is None, reason="no chromium (apt-get install chromium)")
-
-
-@dataclass
-class Backend:
-    url: str
-    settings: Settings
-    registry: Registry
-    redis: redis.Redis
-    project: str
-    task: int  # one of the project's tasks; its image is an upload in the stand-in
-    image_url: str
-
-
-def changed(settings: Settings, **values: Any) -> Settings:
-    return Settings(_env_file=None, **{**settings.model_dump(), **values})  # type: ignore[call-arg]
-
-
-def checkpoint(source: Path, metrics: dict[str, float], tasks: int) -> Any:
-    def write(folder: Path) -> None:
-        shutil.copytree(source, folder / names.DETECTOR_DIR)
-        loss = [2.0 / (1 + step / 20) for step in range(200)]  # as the job plots its own
-        _plot_curves({"detector": loss}, folder / names.CURVES_FILE)
-
-    meta = {
-        names.META_STATUS: "accepted",
-        names.META_METRICS: {"candidate": metrics, "live": {"map_50": 0.1}},
-        "dataset": {"train_tasks": tasks, "heldout_tasks": 2},
-    }
-    return write, meta
 
 
 @pytest.fixture
 def backend(
     bundle: ModelBundle, redis_url: str, detector_dir: Path, fake: FakeStudio, tmp_path: Path
 ) -> Iterator[Backend]:
-    project = labelled_project(fake, n_tasks=8)
-    pid = str(project.id)
-    # Long enough that the job is still training while the browser looks at it.
-    settings = stack_settings(
-        fake, redis_url, detector_dir, tmp_path / "models", train_steps=20_000,
-        train_min_steps=20_000, job_retries=0,
-    )  # fmt: skip
-    client = connect(redis_url)
-    registry = Registry.for_settings(settings, client)
-    for metrics, tasks in (({"map": 0.21, "map_50": 0.52, "map_small": 0.18}, 10),
-                           ({"map": 0.27, "map_50": 0.61, "map_small": 0.24}, 25)):  # fmt: skip
-        write, meta = checkpoint(detector_dir, metrics, tasks)
-        registry.publish(pid, write, {**meta, names.META_PARENT: "base"})
-    registry.set_live(pid, "v2")
-    # The service reads task images from the stand-in as from Label Studio (its token).
-    service = Service(settings, ModelBundle(bundle.detector, None), redis_client=client)
-    live: LiveServer = start_uvicorn(create_app(settings, service))
-    task = project.task_ids[0]
-    yield Backend(
-        live.url, settings, registry, client, pid, task, fake.tasks[task]["data"]["image"]
-    )
-    stop_uvicorn(live)
+    with serving_page(bundle, redis_url, detector_dir, fake, tmp_path) as running:
+        yield running
 
 
 @contextmanager
@@ -244,3 +191,29 @@ def test_the_loss_curves_and_the_metrics_plot_are_served_and_a_missing_version_i
         assert image.content.startswith(b"\x89PNG")
     missing = httpx.get(f"{backend.url}/ui/{pid}/v9/{names.CURVES_FILE}")
     assert missing.status_code == 404 and "no version v9" in missing.json()["detail"]
+
+
+def test_the_page_and_every_answer_carry_the_security_headers(backend: Backend) -> None:
+    pid, url = backend.project, backend.url
+    page = httpx.get(f"{url}/ui/{pid}")
+    csp = page.headers["content-security-policy"]
+    for rule in ("default-src 'self'", "frame-ancestors 'none'", "form-action 'self'",
+                 "base-uri 'none'", "script-src 'sha256-", "style-src 'sha256-"):  # fmt: skip
+        assert rule in csp, csp
+    assert "unsafe-inline" not in csp and "data-confirm" in page.text
+    answers = {
+        "page": page,
+        "metrics plot": httpx.get(f"{url}/ui/{pid}/metrics.png", timeout=60),
+        "preview": httpx.get(f"{url}/ui/{pid}/preview.png", params={"task": backend.task},
+                             timeout=60),
+        "curves": httpx.get(f"{url}/ui/{pid}/v1/{names.CURVES_FILE}"),
+        "health": httpx.get(f"{url}/health"),
+        "an error": httpx.get(f"{url}/ui/{pid}/v9/{names.CURVES_FILE}"),
+    }  # fmt: skip
+    for what, answer in answers.items():
+        assert answer.status_code in (200, 404), (what, answer.text)
+        assert answer.headers["x-content-type-options"] == "nosniff", what
+        assert answer.headers["x-frame-options"] == "DENY", what
+        assert answer.headers["referrer-policy"] == "same-origin", what
+        if what != "page":  # nothing else needs a script, a style or a frame
+            assert answer.headers["content-security-policy"].startswith("default-src 'none'")
