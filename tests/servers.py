@@ -5,6 +5,8 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,3 +67,20 @@ def start_uvicorn(app: Any, settings: Settings | None = None) -> LiveServer:
 def stop_uvicorn(live: LiveServer) -> None:
     live.server.should_exit = True
     live.thread.join(timeout=10)
+
+
+@contextmanager
+def serving(bundle: Any, **overrides: Any) -> Iterator[LiveServer]:
+    """The backend with ``bundle`` and test settings (``overrides``) on a real uvicorn.
+
+    The socket is 127.0.0.1 whatever HOST says: HOST decides the login and the default
+    ALLOWED_HOSTS, not where the test server listens."""
+    from label_studio_sahi.server import create_app
+    from label_studio_sahi.service import Service
+
+    settings = make_settings(**overrides)
+    live = start_uvicorn(create_app(settings, Service(settings, bundle)))
+    try:
+        yield live
+    finally:
+        stop_uvicorn(live)

@@ -5,31 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from pydantic import ValidationError
-from servers import LiveServer, make_settings, start_uvicorn, stop_uvicorn
+from servers import make_settings, serving
 
 from label_studio_sahi.auth import credentials
 from label_studio_sahi.predict import ModelBundle
-from label_studio_sahi.server import create_app
-from label_studio_sahi.service import Service
-
-
-@contextmanager
-def serving(bundle: ModelBundle, **overrides: Any) -> Iterator[LiveServer]:
-    # The app binds 127.0.0.1 here whatever HOST says: HOST decides auth, not the socket.
-    settings = make_settings(**overrides)
-    live = start_uvicorn(create_app(settings, Service(settings, bundle)))
-    try:
-        yield live
-    finally:
-        stop_uvicorn(live)
 
 
 def test_on_a_network_address_a_login_is_generated_once_and_required(

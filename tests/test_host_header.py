@@ -8,32 +8,17 @@ unless ALLOWED_HOSTS says otherwise (Label Studio uses whatever name the deploye
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
-from servers import LiveServer, make_settings, start_uvicorn, stop_uvicorn
+from servers import LiveServer, make_settings, serving
 
 from label_studio_sahi.browser_guard import HostPolicy
 from label_studio_sahi.predict import ModelBundle
-from label_studio_sahi.server import create_app
-from label_studio_sahi.service import Service
 from label_studio_sahi.settings import Settings
 
 REBOUND = "rebind.attacker.test"
-
-
-@contextmanager
-def serving(bundle: ModelBundle, **overrides: Any) -> Iterator[LiveServer]:
-    # The socket is 127.0.0.1 whatever HOST says: HOST decides the default allow-list.
-    settings = make_settings(**overrides)
-    live = start_uvicorn(create_app(settings, Service(settings, bundle)))
-    try:
-        yield live
-    finally:
-        stop_uvicorn(live)
 
 
 def with_host(live: LiveServer, method: str, path: str, host: str, **kw: Any) -> httpx.Response:

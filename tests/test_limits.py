@@ -8,6 +8,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,39 +28,72 @@ from label_studio_sahi.server import create_app
 from label_studio_sahi.service import Service
 from label_studio_sahi.settings import Settings, SettingsError, read_settings
 
+BODY = {"tasks": [{"id": 1, "data": {"image": "http://x/a.png"}}], "label_config": CONFIG}
 
-def test_requests_past_the_waiting_limit_get_503_and_the_rest_are_answered(
-    bundle: ModelBundle,
-) -> None:
+
+@contextmanager
+def held_backend(bundle: ModelBundle, **overrides: Any) -> Iterator[tuple[str, threading.Event]]:
+    """A real server whose every image load waits for the event: requests pile up."""
     release = threading.Event()
 
     def slow_image(url: str, task_id: int | None) -> Image.Image:
         release.wait(30)
         return Image.new("RGB", (64, 48), "gray")
 
-    settings = make_settings(threads=1, max_waiting_requests=1)
+    settings = make_settings(**overrides)
     live = start_uvicorn(create_app(settings, Service(settings, bundle, load_image=slow_image)))
-    body = {"tasks": [{"id": 1, "data": {"image": "http://x/a.png"}}], "label_config": CONFIG}
-    answers: list[int] = []
-
-    def post() -> None:
-        answers.append(httpx.post(f"{live.url}/predict", json=body, timeout=60).status_code)
-
     try:
-        running = [threading.Thread(target=post) for _ in range(2)]  # one runs, one waits
-        for thread in running:
-            thread.start()
+        yield live.url, release
+    finally:
+        release.set()
+        stop_uvicorn(live)
+
+
+def post_in_threads(url: str, count: int, answers: list[int]) -> list[threading.Thread]:
+    def post() -> None:
+        answers.append(httpx.post(f"{url}/predict", json=BODY, timeout=60).status_code)
+
+    threads = [threading.Thread(target=post) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_requests_past_the_waiting_limit_get_503_and_the_rest_are_answered(
+    bundle: ModelBundle,
+) -> None:
+    with held_backend(bundle, threads=1, max_waiting_requests=1) as (url, release):
+        answers: list[int] = []
+        running = []
+        for _ in range(2):  # one runs, one waits
+            running += post_in_threads(url, 1, answers)
             time.sleep(0.5)
-        refused = httpx.post(f"{live.url}/predict", json=body, timeout=60)
+        refused = httpx.post(f"{url}/predict", json=BODY, timeout=60)
         assert refused.status_code == 503 and "MAX_WAITING_REQUESTS" in refused.json()["detail"]
-        assert httpx.get(f"{live.url}/health").status_code == 200
+        assert httpx.get(f"{url}/health").status_code == 200
         release.set()
         for thread in running:
             thread.join(60)
         assert answers == [200, 200]
-    finally:
+
+
+def test_requests_arriving_together_are_admitted_up_to_threads_plus_waiting(
+    bundle: ModelBundle,
+) -> None:
+    # THREADS=1, MAX_WAITING_REQUESTS=1: of 6 requests sent at once, 1 runs, 1 waits and 4
+    # are refused at once, however the event loop interleaves their arrival.
+    with held_backend(bundle, threads=1, max_waiting_requests=1) as (url, release):
+        answers: list[int] = []
+        running = post_in_threads(url, 6, answers)
+        for _ in range(600):  # bounded: the 4 refusals come back while 2 are held
+            if answers.count(503) == 4:
+                break
+            time.sleep(0.05)
+        assert answers.count(503) == 4
         release.set()
-        stop_uvicorn(live)
+        for thread in running:
+            thread.join(60)
+        assert sorted(answers) == [200, 200, 503, 503, 503, 503]
 
 
 def test_configs_are_kept_within_their_byte_budget(bundle: ModelBundle) -> None:
@@ -97,34 +132,17 @@ def test_past_max_project_models_the_least_recent_is_unloaded_and_reloaded_when_
 def test_with_max_waiting_requests_0_a_request_runs_when_a_thread_is_free_and_never_waits(
     bundle: ModelBundle,
 ) -> None:
-    release = threading.Event()
-
-    def slow_image(url: str, task_id: int | None) -> Image.Image:
-        release.wait(30)
-        return Image.new("RGB", (64, 48), "gray")
-
-    settings = make_settings(threads=1, max_waiting_requests=0)
-    live = start_uvicorn(create_app(settings, Service(settings, bundle, load_image=slow_image)))
-    body = {"tasks": [{"id": 1, "data": {"image": "http://x/a.png"}}], "label_config": CONFIG}
-    answers: list[int] = []
-
-    def post() -> None:
-        answers.append(httpx.post(f"{live.url}/predict", json=body, timeout=60).status_code)
-
-    try:
-        running = threading.Thread(target=post)  # the one thread is free: it runs
-        running.start()
+    with held_backend(bundle, threads=1, max_waiting_requests=0) as (url, release):
+        answers: list[int] = []
+        running = post_in_threads(url, 1, answers)  # the one thread is free: it runs
         time.sleep(0.5)
-        refused = httpx.post(f"{live.url}/predict", json=body, timeout=60)  # it would wait
+        refused = httpx.post(f"{url}/predict", json=BODY, timeout=60)  # it would wait
         assert refused.status_code == 503 and "MAX_WAITING_REQUESTS=0" in refused.json()["detail"]
         release.set()
-        running.join(60)
+        running[0].join(60)
         assert answers == [200]
         # The thread is free again: the next request runs.
-        assert httpx.post(f"{live.url}/predict", json=body, timeout=60).status_code == 200
-    finally:
-        release.set()
-        stop_uvicorn(live)
+        assert httpx.post(f"{url}/predict", json=BODY, timeout=60).status_code == 200
 
 
 @pytest.mark.parametrize(
