@@ -172,6 +172,12 @@ def png(scene: data.Scene) -> bytes:
     return out.getvalue()
 
 
+def served_values(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark's serving and job settings: windows at the base's scale on a CPU unless
+    ``--set`` says otherwise (any setting the job reads, ``slice_width=512`` included)."""
+    return {"slice_height": SLICE, "slice_width": SLICE, "device": "cpu", **overrides}
+
+
 def run_seed(
     seed: int,
     rounds: list[int],
@@ -212,11 +218,8 @@ def run_seed(
                 "detector_model": str(base),
                 "classifier_model": "",
                 "model_dir": work / f"models-{seed}",
-                "device": "cpu",
-                "slice_height": SLICE,
-                "slice_width": SLICE,
                 "window_batch_size": 8,
-                **overrides,
+                **served_values(overrides),
             }
             settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
             registry = Registry.for_settings(settings, client)
@@ -557,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wall time {time.monotonic() - started:.0f} s")
             return 0
         rounds = sorted(args.rounds)
-        served = Settings(_env_file=None, slice_height=SLICE, slice_width=SLICE, **overrides)  # type: ignore[call-arg]
+        served = Settings(_env_file=None, **served_values(overrides))  # type: ignore[call-arg]
         base_score = score(Detector.load(str(base), device="cpu"), TAG, split,
                            SliceConfig.from_settings(served), served.score_threshold)  # fmt: skip
         if args.jobs > 1:

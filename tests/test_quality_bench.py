@@ -55,6 +55,18 @@ def test_acceptance_counts_boxes_an_annotator_need_not_draw() -> None:
     assert quality.acceptance_and_edits([found], split, threshold=0.95) == (0.0, 0.0)
 
 
+def test_set_changes_any_setting_the_job_reads_the_window_size_included() -> None:
+    from label_studio_sahi.settings import Settings
+
+    values = quality.served_values(
+        {"slice_width": "512", "slice_height": "512", "train_epochs": "6"}
+    )
+    settings = Settings(_env_file=None, **values)  # type: ignore[arg-type]
+    assert (settings.slice_width, settings.slice_height, settings.train_epochs) == (512, 512, 6.0)
+    # Unset, the windows stay at the base's scale.
+    assert Settings(_env_file=None, **quality.served_values({})).slice_width == quality.SLICE  # type: ignore[arg-type]
+
+
 @pytest.mark.slow
 def test_a_tiny_benchmark_run_produces_sane_numbers(tmp_path: Path, source_base_dir: Path) -> None:
     assert source_base_dir.is_dir()
