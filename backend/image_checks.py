@@ -50,12 +50,15 @@ INFLATE_PIECE = 1 << 20
 class ImageStructure:
     """What the walk of a file found: its format, size, and whether torchvision may decode it
     (8-bit non-interlaced grey/RGB PNG without tRNS; 8-bit Huffman baseline or progressive
-    JPEG with 1 or 3 components)."""
+    JPEG with 1 or 3 components), and whether it may carry EXIF metadata."""
 
     format: str
     width: int
     height: int
     torchvision_safe: bool
+    # False only where the walk saw every chunk and none can hold EXIF (a PNG without
+    # eXIf or text chunks): Pillow reads a PNG's EXIF by decoding the whole image first.
+    may_have_exif: bool = True
 
 
 def check_structure(data: bytes) -> ImageStructure | None:
@@ -129,6 +132,9 @@ class _Header:
         return out
 
 
+_EXIF_CHUNKS = frozenset({b"eXIf", b"tEXt", b"zTXt", b"iTXt"})
+
+
 def check_png(data: bytes) -> ImageStructure:
     """Walk a PNG's chunks and inflate its image data; raise ImageFormatError on a problem."""
     view = memoryview(data)
@@ -139,6 +145,7 @@ def check_png(data: bytes) -> ImageStructure:
     transparency = False
     idat: list[memoryview] = []
     idat_done = False  # an IDAT run ended: another IDAT would not be consecutive
+    exif = False  # eXIf, or a text chunk (Pillow also reads "Raw profile type exif")
     previous = "the signature"
     while True:
         if pos == size:
@@ -193,6 +200,8 @@ def check_png(data: bytes) -> ImageStructure:
             elif kind == b"tRNS":
                 _png_transparency(body, header, palette_entries, transparency)
                 transparency = True
+        if kind in _EXIF_CHUNKS:
+            exif = True
         if idat and kind != b"IDAT":
             idat_done = True
         previous = f"its {name} chunk"
@@ -212,6 +221,7 @@ def check_png(data: bytes) -> ImageStructure:
         and header.colour_type in (0, 2)
         and not header.interlaced
         and not transparency,
+        may_have_exif=exif,
     )
 
 

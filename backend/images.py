@@ -219,6 +219,10 @@ def _plain(image: Image.Image, structure: ImageStructure | None) -> bool:
     structure is already checked, so it is whole."""
     if structure is None or not structure.torchvision_safe or image.format not in ("JPEG", "PNG"):
         return False
+    if not structure.may_have_exif:
+        # Pillow's getexif decodes a whole PNG to look for EXIF after its image data: as
+        # long as the decode itself, and a second copy of the image in memory.
+        return image.mode in ("RGB", "L")
     try:
         upright = image.getexif().get(_EXIF_ORIENTATION, 1) == 1
     except Exception:

@@ -433,6 +433,10 @@ def _jpeg_cases(rng: np.random.Generator, cuts: random.Random) -> list[Case]:
     rotated = encoded(photo, "JPEG", exif=exif.tobytes())
     cases.append(("jpeg-exif-rotated", rotated, reference(rotated)))
     assert reference(rotated).shape[:2] == (160, 120)
+    # A PNG's orientation lives in an eXIf chunk: still applied on the fast path.
+    rotated_png = encoded(photo, "PNG", exif=exif.tobytes())
+    cases.append(("png-exif-rotated", rotated_png, reference(rotated_png)))
+    assert reference(rotated_png).shape[:2] == (160, 120)
     cases.append(("jpeg-trailer-after-eoi", baseline + b"camera trailer", reference(baseline)))
     cases.append(("jpeg-444", s444 := encoded(photo, "JPEG", subsampling=0), reference(s444)))
     cases.append(("jpeg-restart-markers", rst := _with_restarts(photo), reference(rst)))
