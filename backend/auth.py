@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from label_studio_sahi import names
-from label_studio_sahi.private_files import private_dir
+from label_studio_sahi.private_files import write_new
 from label_studio_sahi.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -128,19 +128,5 @@ def _read(path: Path) -> Credentials | None:
 
 
 def _write_new(path: Path, login: Credentials) -> bool:
-    """Write the login, readable by its owner only, whole or not at all; False when the
-    file exists already (another process won the race)."""
-    private_dir(path.parent)
-    tmp = path.with_name(f"{names.TMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump({"user": login.user, "password": login.password}, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.link(tmp, path)  # atomic, and refuses to replace an existing file
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write the login (owner-only, whole or not at all); False when the file exists already."""
+    return write_new(path, json.dumps({"user": login.user, "password": login.password}))

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,10 +40,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
-from label_studio_sahi import names
 from label_studio_sahi.admission import Admission
 from label_studio_sahi.auth import is_loopback
 from label_studio_sahi.errors import BackendError, BadRequest, RequestTooLarge
+from label_studio_sahi.private_files import write_new
 from label_studio_sahi.settings import Settings
 
 T = TypeVar("T")
@@ -268,7 +267,7 @@ class FormTokens:
                 pass
             except ValueError:
                 raise RuntimeError(f"{path} is not the hex secret this backend wrote") from None
-            _write_new(path, secrets.token_hex(32))
+            write_new(path, secrets.token_hex(32))
         raise RuntimeError(f"cannot read the page's form secret in {path}")
 
     def token(self, project: str) -> str:
@@ -280,23 +279,6 @@ class FormTokens:
                 "the form has no valid token: submit it from this backend's page "
                 f"(/ui/{project}), reloaded if the backend's MODEL_DIR changed"
             )
-
-
-def _write_new(path: Path, text: str) -> None:
-    """Write ``path`` (owner-only) whole or not at all; another process's file wins."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{names.TMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.link(tmp, path)  # atomic, and never replaces an existing file
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def install(app: Starlette, settings: Settings) -> None:

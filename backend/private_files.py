@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import stat
 from pathlib import Path
+
+from label_studio_sahi import names
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +67,22 @@ def tighten(folder: Path) -> None:
             path.chmod(DIR_MODE)
         elif path.is_file():  # not the socket: redis-server sets its mode (unixsocketperm)
             path.chmod(FILE_MODE)
+
+
+def write_new(path: Path, text: str) -> bool:
+    """Write ``path`` readable by its owner only, whole or not at all, never replacing it;
+    False when it exists already (another process won the race, and its file stands)."""
+    private_dir(path.parent)
+    tmp = path.with_name(f"{names.TMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.link(tmp, path)  # atomic, and refuses to replace an existing file
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
