@@ -100,12 +100,7 @@ def decode_image(data: bytes, settings: Settings) -> Image.Image:
     EXIF orientation and converts to RGB (transparent areas on white, 16-bit images
     scaled rather than clipped).
     """
-    image = _opened(data, settings)
-    try:
-        _checked_structure(image, data)
-    except ImageError:
-        image.close()
-        raise
+    image, _ = _opened_and_checked(data, settings)
     return _decode_opened(image, settings)
 
 
@@ -119,12 +114,7 @@ def decode_pixels(data: bytes, settings: Settings) -> np.ndarray:
     through PIL. Every PNG and JPEG passes ``image_checks`` first: libpng under torchvision
     crashes the process on some malformed files instead of failing.
     """
-    image = _opened(data, settings)
-    try:
-        structure = _checked_structure(image, data)
-    except ImageError:
-        image.close()
-        raise
+    image, structure = _opened_and_checked(data, settings)
     if _plain(image, structure):
         try:
             return _torchvision_decode(data)
@@ -199,6 +189,18 @@ def _decode_opened(image: Image.Image, settings: Settings) -> Image.Image:
         raise
 
 
+def _opened_and_checked(
+    data: bytes, settings: Settings
+) -> tuple[Image.Image, ImageStructure | None]:
+    """``_opened``'s image and ``_checked_structure``'s answer; closed if the check fails."""
+    image = _opened(data, settings)
+    try:
+        return image, _checked_structure(image, data)
+    except ImageError:
+        image.close()
+        raise
+
+
 def _checked_structure(image: Image.Image, data: bytes) -> ImageStructure | None:
     """``image_checks.check_structure`` for the formats it knows (an MPO is a JPEG with
     more pictures after its first EOI); None for the formats only PIL decodes."""
@@ -219,15 +221,19 @@ def _plain(image: Image.Image, structure: ImageStructure | None) -> bool:
     structure is already checked, so it is whole."""
     if structure is None or not structure.torchvision_safe or image.format not in ("JPEG", "PNG"):
         return False
+    return image.mode in ("RGB", "L") and _upright(image, structure)
+
+
+def _upright(image: Image.Image, structure: ImageStructure) -> bool:
+    """No EXIF rotation. Pillow's getexif decodes a whole PNG to look for EXIF after its
+    image data (as long as the decode itself, and a second copy in memory): skipped when
+    the structure walk saw no chunk that can hold EXIF."""
     if not structure.may_have_exif:
-        # Pillow's getexif decodes a whole PNG to look for EXIF after its image data: as
-        # long as the decode itself, and a second copy of the image in memory.
-        return image.mode in ("RGB", "L")
+        return True
     try:
-        upright = image.getexif().get(_EXIF_ORIENTATION, 1) == 1
+        return bool(image.getexif().get(_EXIF_ORIENTATION, 1) == 1)
     except Exception:
-        upright = False
-    return upright and image.mode in ("RGB", "L")
+        return False
 
 
 def _torchvision_decode(data: bytes) -> np.ndarray:
