@@ -33,7 +33,8 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from tqdm import tqdm
 
 from label_studio_sahi import browser_guard, names, ui_images
-from label_studio_sahi.browser_guard import FORM_TOKEN_FIELD, Admission, FormTokens
+from label_studio_sahi.admission import Admission
+from label_studio_sahi.browser_guard import FORM_TOKEN_FIELD, FormTokens
 from label_studio_sahi.errors import BadRequest, NotFound
 from label_studio_sahi.labeling import LabelConfig, parse_label_config
 from label_studio_sahi.models import load_version_bundle
