@@ -29,7 +29,7 @@ from label_studio_sahi.errors import BackendError, ImageTooLarge, ImageURLError
 from label_studio_sahi.images import EncodedImage, rgb_pixels
 from label_studio_sahi.labeling import ControlTag, LabelConfig, choices_result, rectangle_result
 from label_studio_sahi.settings import MatchMetric, MergeType, Settings, TaskScore
-from label_studio_sahi.slicing import Detections, merge_detections, slice_windows
+from label_studio_sahi.slicing import Detections, merge_detections, model_window, slice_windows
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,16 @@ class SliceConfig:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> SliceConfig:
+    def from_settings(cls, settings: Settings, detector: Detector | None = None) -> SliceConfig:
+        """The settings' slicing; a window side left ``auto`` is ``detector``'s window
+        (``model_window``), or, without a detector, chosen per image (``auto_slice_size``)."""
+        height, width = settings.slice_height, settings.slice_width
+        if detector is not None and (height is None or width is None):
+            side = model_window(*detector.input_shape())
+            height, width = height or side, width or side
         return cls(
-            slice_height=settings.slice_height,
-            slice_width=settings.slice_width,
+            slice_height=height,
+            slice_width=width,
             overlap_height_ratio=settings.overlap_height_ratio,
             overlap_width_ratio=settings.overlap_width_ratio,
             full_image_pass=settings.full_image_pass,
@@ -310,7 +316,7 @@ class Predictor:
     ) -> None:
         self.bundle = bundle
         self.settings = settings
-        self.slicing = SliceConfig.from_settings(settings)
+        self.slicing = SliceConfig.from_settings(settings, bundle.detector)
         self.load_image = load_image
         # Tasks of a batch run concurrently (downloads overlap model work). The pool may be
         # shared by several predictors, so that swapping models never touches it.

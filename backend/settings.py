@@ -142,11 +142,16 @@ class Settings(BaseSettings):
         0.0, ge=0, le=1, description="Drop class suggestions below this."
     )
 
-    # --- slicing (defaults are sahi's get_sliced_prediction defaults) --------------------
+    # --- slicing (sahi's get_sliced_prediction defaults, but for the window size) ---------
     slice_height: int | None = Field(
-        512, ge=32, description="Window height in px; None: automatic."
+        None,
+        ge=32,
+        description="Window height in px; `auto`: the detector's input size, at most 512 "
+        "(a window is never shrunk into the model: fine-tuning stops paying there).",
     )
-    slice_width: int | None = Field(512, ge=32, description="Window width in px; None: automatic.")
+    slice_width: int | None = Field(
+        None, ge=32, description="Window width in px; `auto`: as SLICE_HEIGHT."
+    )
     overlap_height_ratio: float = Field(0.2, ge=0, lt=1, description="Vertical overlap of windows.")
     overlap_width_ratio: float = Field(
         0.2, ge=0, lt=1, description="Horizontal overlap of windows."

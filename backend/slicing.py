@@ -25,6 +25,11 @@ AUTO_MIN_SLICE = 320
 AUTO_MAX_SLICE = 1024
 # Images whose longer side fits in this many pixels are run whole: slicing gains nothing.
 AUTO_NO_SLICE_BELOW = 1024
+# SLICE_*=auto with a detector: windows of its input size, at most sahi's 512 px. A window
+# larger than the input is shrunk into it, objects with it, and fine-tuning stops paying:
+# with a 128 px input, 256 and 512 px windows gained nothing from 10 labels where 64 and
+# 128 px ones gained 7-18x the base's test mAP@.5 (bench/README.md, "Geometry").
+AUTO_MAX_WINDOW = 512
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,17 @@ def _axis_starts(length: int, size: int, overlap: int) -> list[int]:
             return starts
         starts.append(start)
         start = end - overlap
+
+
+def model_window(input_height: int, input_width: int) -> int:
+    """The window side ``SLICE_*=auto`` gives a detector whose input is this size: its
+    shorter side, at most ``AUTO_MAX_WINDOW`` (windows are upscaled or kept, never shrunk)."""
+    return min(AUTO_MAX_WINDOW, input_height, input_width)
+
+
+def shrink_factor(slice_size: int, input_side: int) -> float:
+    """How many times a window's side is shrunk on its way into the model (1: not)."""
+    return max(1.0, slice_size / input_side)
 
 
 def auto_slice_size(height: int, width: int) -> tuple[int, int]:

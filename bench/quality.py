@@ -98,19 +98,23 @@ def test_split(count: int, make: SceneMaker = data.target_scene) -> TestSplit:
     return TestSplit(images, truths, sizes)
 
 
-def base_model(cache: Path, family: str = "conditional_detr", steps: int = 3000) -> Path:
-    """The committed source-domain base, or one of ``family`` trained into ``cache`` (seeded)."""
+def base_model(
+    cache: Path, family: str = "conditional_detr", steps: int = 3000, scale: int = 1
+) -> Path:
+    """The committed source-domain base, or one of ``family`` trained into ``cache`` (seeded);
+    ``scale``: pretrained on source scenes that many times larger (``train_source_base``)."""
     if (
         family == "conditional_detr"
         and steps == 3000
+        and scale == 1
         and (COMMITTED_BASE / "config.json").is_file()
     ):
         return COMMITTED_BASE
-    out = cache / f"source-base-{family}-{steps}"
+    out = cache / (f"source-base-{family}-{steps}" + (f"-x{scale}" if scale != 1 else ""))
     if not (out / "config.json").is_file():
         print(f"training the {family} source-domain base into {out}", flush=True)
         start = time.monotonic()
-        data.train_source_base(out, steps=steps, family=family)
+        data.train_source_base(out, steps=steps, family=family, scale=scale)
         (out / "train_seconds.txt").write_text(f"{time.monotonic() - start:.1f}\n")
     return out
 
@@ -173,9 +177,9 @@ def png(scene: data.Scene) -> bytes:
 
 
 def served_values(overrides: dict[str, Any]) -> dict[str, Any]:
-    """The benchmark's serving and job settings: windows at the base's scale on a CPU unless
-    ``--set`` says otherwise (any setting the job reads, ``slice_width=512`` included)."""
-    return {"slice_height": SLICE, "slice_width": SLICE, "device": "cpu", **overrides}
+    """The benchmark's serving and job settings: the defaults, on a CPU, but for what
+    ``--set`` says (any setting the job reads, ``slice_width=512`` included)."""
+    return {"device": "cpu", **overrides}
 
 
 def run_seed(
@@ -223,12 +227,12 @@ def run_seed(
             }
             settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
             registry = Registry.for_settings(settings, client)
-            slicing = SliceConfig.from_settings(settings)
             scenes = [make(s) for s in data.project_seeds(seed, pool or max(rounds))]
             tasks = [fake.add_task(pid, {"image": fake.upload(pid, f"{i}.png", png(s))})
                      for i, s in enumerate(scenes)]  # fmt: skip
             bundle = project_bundle(settings, registry, str(pid))
             assert bundle.detector is not None
+            slicing = SliceConfig.from_settings(settings, bundle.detector)
             if base_score is None:
                 base_score = score(bundle.detector, tag, split, slicing, settings.score_threshold)
             rows.append({"seed": seed, "labels": 0, "status": "base", "version": "base", **base_score})  # fmt: skip
@@ -519,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="instead of rounds: the base with WINDOW px windows, upscaled vs native")  # fmt: skip
     parser.add_argument("--base-steps", type=int, default=3000,
                         help="steps of source-domain training for a family's base")  # fmt: skip
+    parser.add_argument("--base-scale", type=int, default=1,
+                        help="a base pretrained on source scenes this many times larger (4: "
+                             "at the geometry of 512 px windows)")  # fmt: skip
     parser.add_argument(
         "--sahi-table",
         type=int,
@@ -536,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ls-sahi-quality-") as tmp:
-        base = base_model(args.out / "cache")
+        base = base_model(args.out / "cache", steps=args.base_steps, scale=args.base_scale)
         if args.ablation or args.sahi_table or args.families or args.native_table:
             if args.native_table:
                 extra = native_table(split, base, args.native_table)
@@ -561,8 +568,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         rounds = sorted(args.rounds)
         served = Settings(_env_file=None, **served_values(overrides))  # type: ignore[call-arg]
-        base_score = score(Detector.load(str(base), device="cpu"), TAG, split,
-                           SliceConfig.from_settings(served), served.score_threshold)  # fmt: skip
+        detector = Detector.load(str(base), device="cpu")
+        base_score = score(detector, TAG, split, SliceConfig.from_settings(served, detector),
+                           served.score_threshold)  # fmt: skip
         if args.jobs > 1:
             with ProcessPoolExecutor(args.jobs) as pool:
                 runs = [pool.submit(run_seed, s, rounds, split, base, Path(tmp), overrides, base_score)

@@ -227,11 +227,19 @@ def _targets(scenes: list[Scene]) -> list[dict[str, torch.Tensor]]:
 
 
 def train_source_base(
-    out_dir: Path, steps: int = 3000, seed: int = 0, family: str = "conditional_detr"
+    out_dir: Path,
+    steps: int = 3000,
+    seed: int = 0,
+    family: str = "conditional_detr",
+    scale: int = 1,
 ) -> Path:
     """The stand-in for a pretrained checkpoint: a tiny detector of ``family`` (see
     ``tests/tiny_models.FAMILIES``) trained on the source domain only, saved with
-    ``save_pretrained`` (Conditional DETR: about 3 minutes on one CPU core)."""
+    ``save_pretrained`` (Conditional DETR: about 3 minutes on one CPU core).
+
+    ``scale`` draws the source scenes ``scale`` times larger with objects of the same pixel
+    sizes, which the 128 px processor shrinks back: a base pretrained at that geometry
+    (``scale=4``: objects as small in its input as the project's are in 512 px windows)."""
     from tests.tiny_models import detr_processor, family_model
 
     rng = random.Random(seed)
@@ -243,7 +251,7 @@ def train_source_base(
     )
     model.train()
     for _ in range(steps):
-        scenes = [source_scene(rng) for _ in range(8)]
+        scenes = [source_scene(rng, SOURCE_SIZE * scale) for _ in range(8)]
         inputs = processor(images=[s.image for s in scenes], return_tensors="pt")
         loss = model(pixel_values=inputs["pixel_values"], labels=_targets(scenes)).loss
         optimizer.zero_grad()

@@ -63,8 +63,8 @@ def test_set_changes_any_setting_the_job_reads_the_window_size_included() -> Non
     )
     settings = Settings(_env_file=None, **values)  # type: ignore[arg-type]
     assert (settings.slice_width, settings.slice_height, settings.train_epochs) == (512, 512, 6.0)
-    # Unset, the windows stay at the base's scale.
-    assert Settings(_env_file=None, **quality.served_values({})).slice_width == quality.SLICE  # type: ignore[arg-type]
+    # Unset, the windows are the defaults a user gets: the detector's own size.
+    assert Settings(_env_file=None, **quality.served_values({})).slice_width is None  # type: ignore[arg-type]
 
 
 @pytest.mark.slow

@@ -254,9 +254,10 @@ def train_and_evaluate(ctx: JobContext, data: TrainingData, parent: ModelBundle)
     """Fine-tune the detector on boxes and the classifier on choices; score both, and the
     live models, on the held-out tasks."""
     out = Candidates()
-    slicing = SliceConfig.from_settings(ctx.settings)
     rect = data.config.rectangles[0] if data.config.rectangles else None
     if rect is not None and parent.detector is not None and any(t.boxes for t in data.train):
+        slicing = SliceConfig.from_settings(ctx.settings, parent.detector)
+        data.stats["window"] = [slicing.slice_width, slicing.slice_height]
         out.detector, out.curves["detector"], data.stats["windows"] = finetune_detector(
             ctx.settings, parent.detector, rect, data.train, data.images,
             ctx.step_reporter("training detector"),
@@ -455,11 +456,13 @@ def finetune_detector(
     model = copy.deepcopy(live.model).float()
     relabel_head(model, DETECTOR_HEADS, labels, tag.label_for)
     boxes = [[(label, box) for label, box in t.boxes if label in labels] for t in train]
+    # The windows it is served with (SLICE_*=auto: the detector's own window size).
+    slicing = SliceConfig.from_settings(settings, live)
     windows = training_windows(
         [images[t.task_id].size for t in train],
         boxes,
-        slice_height=settings.slice_height,
-        slice_width=settings.slice_width,
+        slice_height=slicing.slice_height,
+        slice_width=slicing.slice_width,
         overlap_height_ratio=settings.overlap_height_ratio,
         overlap_width_ratio=settings.overlap_width_ratio,
         min_area_ratio=settings.min_area_ratio,
@@ -476,7 +479,7 @@ def finetune_detector(
     if not samples:
         raise ValueError("no training windows")
     # Windows drawn at random places need a fixed window size; automatic slicing has none.
-    jitter = settings.train_augment and settings.slice_height and settings.slice_width
+    jitter = settings.train_augment and slicing.slice_height and slicing.slice_width
 
     def draw(rng: random.Random) -> DetectionSample:
         if not jitter or rng.random() < 0.5:
@@ -487,8 +490,8 @@ def finetune_detector(
             rng,
             image.size,
             boxes[index],
-            slice_height=int(settings.slice_height or 0),
-            slice_width=int(settings.slice_width or 0),
+            slice_height=int(slicing.slice_height or 0),
+            slice_width=int(slicing.slice_width or 0),
             min_area_ratio=settings.min_area_ratio,
         )
         return DetectionSample(crop(image, window), kept, [labels.index(n) for n in names_])

@@ -1,0 +1,85 @@
+"""SLICE_*=auto, the default: windows of the detector's input size (at most 512 px), the same
+for serving, for the job's training windows and for its held-out scoring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fake_studio import FakeStudio
+from labelled_project import labelled_project
+from servers import make_settings
+from stack import stack_settings
+from tiny_models import detr_processor
+
+from label_studio_sahi.detector import Detector
+from label_studio_sahi.predict import Predictor, SliceConfig
+from label_studio_sahi.registry import Registry
+from label_studio_sahi.slicing import model_window
+from label_studio_sahi.training.job import JobContext, run_training
+
+
+def test_the_auto_window_is_the_input_size_never_more_than_512() -> None:
+    assert model_window(128, 128) == 128  # the tiny test models
+    assert model_window(800, 800) == 512  # DETR-R50: sahi's 512, upscaled 1.6x
+    assert model_window(640, 640) == 512  # RT-DETR
+    assert model_window(384, 640) == 384
+
+
+def test_auto_is_the_default_and_resolves_to_the_detectors_window(detector: Detector) -> None:
+    settings = make_settings(slice_height=None, slice_width=None)
+    assert settings.slice_width is None and settings.slice_height is None
+    slicing = SliceConfig.from_settings(settings, detector)
+    assert detector.input_shape() == (128, 128)
+    assert (slicing.slice_height, slicing.slice_width) == (128, 128)
+    # A 1600x1200 image in 128 px windows at 20 % overlap: 16 x 12 windows of 128 px.
+    windows = slicing.windows(1200, 1600)
+    assert len(windows) == 16 * 12
+    assert {(int(w[2] - w[0]), int(w[3] - w[1])) for w in windows} == {(128, 128)}
+
+
+def test_a_detector_with_a_larger_input_gets_sahis_512_px_windows(detector: Detector) -> None:
+    r50_like = Detector(
+        detector.model, detr_processor(800), detector.device, detector.dtype, version="r50"
+    )
+    slicing = SliceConfig.from_settings(make_settings(slice_height=None, slice_width=None), r50_like)
+    assert (slicing.slice_height, slicing.slice_width) == (512, 512)
+
+
+def test_a_set_window_side_is_kept_and_only_the_auto_one_resolved(detector: Detector) -> None:
+    fixed = SliceConfig.from_settings(make_settings(slice_height=512, slice_width=512), detector)
+    assert (fixed.slice_height, fixed.slice_width) == (512, 512)
+    half = SliceConfig.from_settings(make_settings(slice_height=256, slice_width=None), detector)
+    assert (half.slice_height, half.slice_width) == (256, 128)
+    # No detector (a classifier-only project): windows are chosen per image, as before.
+    assert SliceConfig.from_settings(make_settings(slice_height=None, slice_width=None)).slice_width is None
+
+
+def test_serving_slices_with_its_models_window(bundle: Any) -> None:
+    predictor = Predictor(
+        bundle, make_settings(slice_height=None, slice_width=None), load_image=lambda *_: None
+    )
+    try:
+        assert (predictor.slicing.slice_height, predictor.slicing.slice_width) == (128, 128)
+    finally:
+        predictor.close()
+
+
+@pytest.mark.slow
+def test_the_job_trains_and_scores_at_the_window_it_serves_with_and_records_it(
+    fake: FakeStudio, tmp_path: Path, redis_client: Any, detector_dir: Path
+) -> None:
+    project = labelled_project(fake, n_tasks=6)
+    settings = stack_settings(
+        fake, None, detector_dir, tmp_path / "models",
+        slice_height=None, slice_width=None, train_steps=4, train_min_steps=4,
+    )  # fmt: skip
+    registry = Registry.for_settings(settings, redis_client)
+
+    summary = run_training(JobContext(settings, registry), str(project.id), "test", "run-1")
+
+    meta = json.loads((registry.get(str(project.id), summary["version"]).path / "meta.json").read_text())
+    assert meta["dataset"]["window"] == [128, 128]
+    assert meta["settings"]["slice_width"] is None  # what was set: auto
