@@ -29,7 +29,13 @@ from label_studio_sahi.errors import BackendError, ImageTooLarge, ImageURLError
 from label_studio_sahi.images import EncodedImage, rgb_pixels
 from label_studio_sahi.labeling import ControlTag, LabelConfig, choices_result, rectangle_result
 from label_studio_sahi.settings import MatchMetric, MergeType, Settings, TaskScore
-from label_studio_sahi.slicing import Detections, merge_detections, model_window, slice_windows
+from label_studio_sahi.slicing import (
+    Detections,
+    merge_detections,
+    model_window,
+    shrink_factor,
+    slice_windows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +310,24 @@ class RequestImages:
             self._pixels += pixels
 
 
+def _warn_if_shrunk(slicing: SliceConfig, bundle: ModelBundle) -> None:
+    """A set window larger than the detector's input is shrunk into it, and its objects with
+    it: said once per model, since labels then buy little (bench/README.md, "Geometry")."""
+    if bundle.detector is None or slicing.native_windows:
+        return
+    if slicing.slice_height is None or slicing.slice_width is None:
+        return
+    side = min(bundle.detector.input_shape())
+    shrink = shrink_factor(min(slicing.slice_height, slicing.slice_width), side)
+    if shrink > 1:
+        log.warning(
+            "slice_window_shrunk model=%s window=%dx%d input=%d shrink=%.1fx: objects are "
+            "shrunk with the window and fine-tuning gains little; SLICE_WIDTH=SLICE_HEIGHT=auto "
+            "uses windows of the input size",
+            bundle.version, slicing.slice_width, slicing.slice_height, side, shrink,
+        )  # fmt: skip
+
+
 class Predictor:
     """Predicts Label Studio tasks with one model bundle; safe to share across threads."""
 
@@ -317,6 +341,7 @@ class Predictor:
         self.bundle = bundle
         self.settings = settings
         self.slicing = SliceConfig.from_settings(settings, bundle.detector)
+        _warn_if_shrunk(self.slicing, bundle)
         self.load_image = load_image
         # Tasks of a batch run concurrently (downloads overlap model work). The pool may be
         # shared by several predictors, so that swapping models never touches it.

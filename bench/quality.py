@@ -23,6 +23,7 @@ curve ``learning_curve.png`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import statistics
@@ -499,9 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-steps",
         type=int,
-        default=600,
-        help="TRAIN_STEPS, the cap on steps per job (a CPU budget; default 600)",
+        help="TRAIN_STEPS, the cap on steps per job (default: the backend's)",
     )
+    parser.add_argument("--object-scale", type=float, default=1.0,
+                        help="the project's objects (and the test split's) this many times larger")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1,
                         help="seeds run at once, each in its own process on one core")  # fmt: skip
     parser.add_argument("--set", nargs="*", default=[], metavar="SETTING=VALUE",
@@ -535,11 +537,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # steady on a shared 2-core machine
     overrides: dict[str, Any] = dict(item.split("=", 1) for item in args.set)
-    overrides.setdefault("train_steps", 20 if args.tiny else args.max_steps)
+    if args.tiny or args.max_steps:
+        overrides.setdefault("train_steps", 20 if args.tiny else args.max_steps)
     if args.tiny:
         overrides.setdefault("train_min_steps", 20)
     args.out.mkdir(parents=True, exist_ok=True)
-    split = test_split(args.test_images)
+    make: SceneMaker = functools.partial(data.target_scene, object_scale=args.object_scale)
+    split = test_split(args.test_images, make)
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ls-sahi-quality-") as tmp:
@@ -573,13 +577,16 @@ def main(argv: list[str] | None = None) -> int:
                            served.score_threshold)  # fmt: skip
         if args.jobs > 1:
             with ProcessPoolExecutor(args.jobs) as pool:
-                runs = [pool.submit(run_seed, s, rounds, split, base, Path(tmp), overrides, base_score)
+                runs = [pool.submit(run_seed, s, rounds, split, base, Path(tmp), overrides, base_score,
+                                    make=make)
                         for s in args.seeds]  # fmt: skip
                 for run in runs:
                     rows += run.result()
         else:
             for seed in args.seeds:
-                rows += run_seed(seed, rounds, split, base, Path(tmp), overrides, base_score)
+                rows += run_seed(
+                    seed, rounds, split, base, Path(tmp), overrides, base_score, make=make
+                )
     print(f"benchmark wall time {time.monotonic() - started:.0f} s")
     print(table(rows))
     print()

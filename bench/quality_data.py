@@ -156,11 +156,14 @@ def target_scene(
     size: tuple[int, int] | None = None,
     ground: tuple[int, int, int] = GROUND,
     objects: tuple[int, int] = (6, 14),
+    object_scale: float = 1.0,
 ) -> Scene:
     """One large target-domain image with its objects (seeded: the same seed, the same scene).
 
     ``size`` and ``ground`` fix what is otherwise drawn (1600x1200 to 2048x1536, soil);
-    ``objects`` is the range the number of objects is drawn from.
+    ``objects`` is the range the number of objects is drawn from; ``object_scale`` makes
+    every object that many times larger (4: objects as large in a 512 px window as they are
+    in a 128 px one).
     """
     rng = random.Random(seed)
     width, height = rng.choice(((1600, 1200), (1800, 1350), (2048, 1536)))
@@ -176,7 +179,7 @@ def target_scene(
         if len(boxes) == wanted:
             break
         name = rng.choices(SOURCE_CLASSES, weights=(0.45, 0.25, 0.30))[0]
-        w, h = _shape_size(name, _log_uniform(rng, 8, 48))
+        w, h = _shape_size(name, round(_log_uniform(rng, 8, 48) * object_scale))
         x, y = rng.randint(0, width - w), rng.randint(0, height - h)
         box = (x, y, x + w, y + h)
         # Some objects are partly hidden behind the one drawn after them (at most 40 %).

@@ -83,3 +83,13 @@ def test_the_job_trains_and_scores_at_the_window_it_serves_with_and_records_it(
     meta = json.loads((registry.get(str(project.id), summary["version"]).path / "meta.json").read_text())
     assert meta["dataset"]["window"] == [128, 128]
     assert meta["settings"]["slice_width"] is None  # what was set: auto
+
+
+def test_a_window_set_larger_than_the_input_is_said_once_per_model(
+    bundle: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="label_studio_sahi.predict"):
+        Predictor(bundle, make_settings(slice_height=512, slice_width=512), lambda *_: None).close()
+        Predictor(bundle, make_settings(slice_height=None, slice_width=None), lambda *_: None).close()
+    [line] = [r.getMessage() for r in caplog.records if "slice_window_shrunk" in r.getMessage()]
+    assert "window=512x512 input=128 shrink=4.0x" in line
