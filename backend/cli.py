@@ -317,7 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="print Label Studio results for local images")
     model_args(predict)
     predict.add_argument("images", nargs="+", help="image files")
-    predict.add_argument("--slice", type=int, help="window size in px (0: automatic)")
+    predict.add_argument(
+        "--slice",
+        type=int,
+        help="window size in px (default, or 0: the detector's input size, at most 512)",
+    )
     predict.add_argument("--overlap", type=float, help="window overlap ratio, 0-1")
     predict.add_argument(
         "--threshold", dest="score_threshold", type=float, help="minimum box score"

@@ -343,6 +343,21 @@ def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def promoted_below_parent(rows: list[dict[str, Any]]) -> list[str]:
+    """The promoted rounds whose live model scores below the model it replaced on the test
+    split (the gate judges on held-out tasks the job can see; this is the check it held)."""
+    out = []
+    for seed in sorted({r["seed"] for r in rows}):
+        parent: float | None = None
+        for row in sorted((r for r in rows if r["seed"] == seed), key=lambda r: r["labels"]):
+            if row["status"] == "accepted" and parent is not None and row["map_50"] < parent:
+                out.append(
+                    f"seed {seed}, {row['labels']} labels: {row['map_50']:.3f} < {parent:.3f}"
+                )
+            parent = row["map_50"]
+    return out
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -591,6 +606,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     print()
     print(table(medians(rows)))
+    below = promoted_below_parent(rows)
+    print(f"promoted below their parent on the test split: {len(below)}", *below, sep="\n  ")
     (args.out / "results.json").write_text(
         json.dumps({"settings": overrides, "rows": rows}, indent=2, default=str)
     )

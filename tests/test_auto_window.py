@@ -44,7 +44,9 @@ def test_a_detector_with_a_larger_input_gets_sahis_512_px_windows(detector: Dete
     r50_like = Detector(
         detector.model, detr_processor(800), detector.device, detector.dtype, version="r50"
     )
-    slicing = SliceConfig.from_settings(make_settings(slice_height=None, slice_width=None), r50_like)
+    slicing = SliceConfig.from_settings(
+        make_settings(slice_height=None, slice_width=None), r50_like
+    )
     assert (slicing.slice_height, slicing.slice_width) == (512, 512)
 
 
@@ -54,7 +56,10 @@ def test_a_set_window_side_is_kept_and_only_the_auto_one_resolved(detector: Dete
     half = SliceConfig.from_settings(make_settings(slice_height=256, slice_width=None), detector)
     assert (half.slice_height, half.slice_width) == (256, 128)
     # No detector (a classifier-only project): windows are chosen per image, as before.
-    assert SliceConfig.from_settings(make_settings(slice_height=None, slice_width=None)).slice_width is None
+    assert (
+        SliceConfig.from_settings(make_settings(slice_height=None, slice_width=None)).slice_width
+        is None
+    )
 
 
 def test_serving_slices_with_its_models_window(bundle: Any) -> None:
@@ -80,7 +85,9 @@ def test_the_job_trains_and_scores_at_the_window_it_serves_with_and_records_it(
 
     summary = run_training(JobContext(settings, registry), str(project.id), "test", "run-1")
 
-    meta = json.loads((registry.get(str(project.id), summary["version"]).path / "meta.json").read_text())
+    meta = json.loads(
+        (registry.get(str(project.id), summary["version"]).path / "meta.json").read_text()
+    )
     assert meta["dataset"]["window"] == [128, 128]
     assert meta["settings"]["slice_width"] is None  # what was set: auto
 
@@ -90,6 +97,8 @@ def test_a_window_set_larger_than_the_input_is_said_once_per_model(
 ) -> None:
     with caplog.at_level("WARNING", logger="label_studio_sahi.predict"):
         Predictor(bundle, make_settings(slice_height=512, slice_width=512), lambda *_: None).close()
-        Predictor(bundle, make_settings(slice_height=None, slice_width=None), lambda *_: None).close()
+        Predictor(
+            bundle, make_settings(slice_height=None, slice_width=None), lambda *_: None
+        ).close()
     [line] = [r.getMessage() for r in caplog.records if "slice_window_shrunk" in r.getMessage()]
     assert "window=512x512 input=128 shrink=4.0x" in line

@@ -86,3 +86,15 @@ def test_a_tiny_benchmark_run_produces_sane_numbers(tmp_path: Path, source_base_
     assert rows[0]["accept"] > 0.1 and rows[0]["map_50"] > 0, rows[0]
     assert rows[1]["windows"] > 0 and rows[1]["steps"] == 20
     assert (out / "learning_curve.png").stat().st_size > 5000
+
+
+def test_a_promoted_round_that_scores_below_its_parent_is_reported() -> None:
+    rows = [
+        {"seed": 0, "labels": 0, "status": "base", "map_50": 0.10},
+        {"seed": 0, "labels": 10, "status": "accepted", "map_50": 0.30},
+        {"seed": 0, "labels": 25, "status": "rejected", "map_50": 0.30},
+        {"seed": 0, "labels": 50, "status": "accepted", "map_50": 0.25},
+        {"seed": 1, "labels": 0, "status": "base", "map_50": 0.10},
+        {"seed": 1, "labels": 10, "status": "accepted", "map_50": 0.12},
+    ]
+    assert quality.promoted_below_parent(rows) == ["seed 0, 50 labels: 0.250 < 0.300"]

@@ -109,9 +109,9 @@ def backend(
         DETECTOR_MODEL=str(source_base_dir), CLASSIFIER_MODEL=str(classifier_dir),
         LABEL_STUDIO_URL=studio.url, LABEL_STUDIO_API_KEY=studio.personal_access_token(),
         LOCAL_FILES_DOCUMENT_ROOT=str(studio.document_root),
-        # The base sees 128 px windows at their size; everything else about training and
-        # thresholds is the defaults a user gets.
-        SLICE_HEIGHT="128", SLICE_WIDTH="128", TORCH_THREADS="1",
+        # Slicing, training and thresholds are the defaults a user gets (SLICE_*=auto: the
+        # base's own 128 px input, where 512 px windows would shrink its objects 4x).
+        TORCH_THREADS="1",
         TRAIN_AFTER_ANNOTATIONS=str(N_UPLOADED + N_LOCAL), TRAIN_DEBOUNCE_SECONDS="0",
         SWAP_POLL_SECONDS="1", WORKER_MAINTENANCE_INTERVAL="5",
         # Auth as on a network (loopback would turn it off): a generated login, which
@@ -273,6 +273,7 @@ def test_label_studio_end_to_end(studio: StudioServer, backend: Backend, run_dir
         "decision"
     ]
     assert held_out["live"]["map_50"] > 0, "the base already detects something"
+    assert meta["dataset"]["window"] == [128, 128]  # trained and judged at the served window
     assert held_out["candidate"]["map_50"] > held_out["live"]["map_50"]
 
     # 5. The Train button trains again and publishes another version.
