@@ -306,6 +306,17 @@ class Settings(BaseSettings):
         "constant",
         description="Learning rate over a job: constant, or a 10 % warm-up then cosine decay.",
     )
+    train_full_image: bool = Field(
+        True,
+        description="Train on each whole image as one more window (the full-image pass's scale).",
+    )
+    parent_weight_share: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of the parent's weights averaged into a fine-tuned candidate "
+        "(WiSE-FT); 0: the fine-tuned weights as they are.",
+    )
     train_augment: bool = Field(
         True,
         description="Train on windows at random places around objects too, flipped and colour-jittered.",
@@ -396,6 +407,8 @@ VERSION_SETTINGS = (
     "train_steps",
     "train_batch_size",
     "train_augment",
+    "parent_weight_share",
+    "train_full_image",
     "lr_schedule",
     "promote_confidence",
     "learning_rate",

@@ -517,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="TRAIN_STEPS, the cap on steps per job (default: the backend's)",
     )
+    parser.add_argument("--judge-candidate", action="store_true",
+                        help="also score every round's candidate on the test split")  # fmt: skip
     parser.add_argument("--object-scale", type=float, default=1.0,
                         help="the project's objects (and the test split's) this many times larger")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1,
@@ -593,15 +595,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.jobs > 1:
             with ProcessPoolExecutor(args.jobs) as pool:
                 runs = [pool.submit(run_seed, s, rounds, split, base, Path(tmp), overrides, base_score,
-                                    make=make)
+                                    make=make, judge_candidate=args.judge_candidate)
                         for s in args.seeds]  # fmt: skip
                 for run in runs:
                     rows += run.result()
         else:
             for seed in args.seeds:
                 rows += run_seed(
-                    seed, rounds, split, base, Path(tmp), overrides, base_score, make=make
-                )
+                    seed, rounds, split, base, Path(tmp), overrides, base_score, make=make,
+                    judge_candidate=args.judge_candidate,
+                )  # fmt: skip
     print(f"benchmark wall time {time.monotonic() - started:.0f} s")
     print(table(rows))
     print()

@@ -269,3 +269,22 @@ def test_the_cosine_schedule_warms_up_then_decays_to_a_twentieth() -> None:
     assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
     assert factors[-1] == pytest.approx(0.05, abs=0.01)
     assert {learning_rate_factor(i, 100, "constant") for i in range(100)} == {1.0}
+
+
+def test_averaging_with_the_parent_moves_each_weight_that_share_of_the_way_back() -> None:
+    from label_studio_sahi.training.finetune import average_into
+
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    parent = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].num_batches_tracked.add_(5)  # a counter, not a weight: kept as it is
+    trained = model[0].weight.detach().clone()
+
+    average_into(model, parent, 0.25)
+
+    assert torch.allclose(model[0].weight, 0.75 * trained + 0.25 * parent["0.weight"])
+    assert int(model[1].num_batches_tracked) == 5
+    before = model[0].weight.detach().clone()
+    average_into(model, parent, 0.0)  # the default: the fine-tuned weights as they are
+    assert torch.equal(model[0].weight, before)

@@ -299,6 +299,23 @@ def train_detector(
     return _run_steps(model, loss_of, settings, steps, device, progress)
 
 
+def average_into(model: nn.Module, parent: dict[str, torch.Tensor], share: float) -> None:
+    """``model``'s floating-point weights become ``share`` of ``parent``'s (a state dict of
+    the same shapes: the relabelled parent before training) plus the rest of its own.
+
+    Weight-space ensembling (WiSE-FT, Wortsman et al. 2022): a point between a model and its
+    fine-tuned copy keeps more of what the first knew, where a few labels pull the copy away.
+    """
+    if share <= 0:
+        return
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.mul_(1 - share).add_(
+                    parent[name].to(tensor.device, tensor.dtype), alpha=share
+                )
+
+
 def train_classifier(
     model: Any,
     processor: Any,

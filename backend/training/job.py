@@ -59,6 +59,7 @@ from label_studio_sahi.training.finetune import (
     DETECTOR_HEADS,
     DetectionSample,
     Progress,
+    average_into,
     relabel_head,
     train_classifier,
     train_detector,
@@ -455,6 +456,7 @@ def finetune_detector(
     labels = list(tag.labels)
     model = copy.deepcopy(live.model).float()
     relabel_head(model, DETECTOR_HEADS, labels, tag.label_for)
+    parent = {k: v.detach().clone() for k, v in model.state_dict().items()}
     boxes = [[(label, box) for label, box in t.boxes if label in labels] for t in train]
     # The windows it is served with (SLICE_*=auto: the detector's own window size).
     slicing = SliceConfig.from_settings(settings, live)
@@ -467,6 +469,7 @@ def finetune_detector(
         overlap_width_ratio=settings.overlap_width_ratio,
         min_area_ratio=settings.min_area_ratio,
         negative_ratio=settings.negative_window_ratio,
+        include_full_image=settings.train_full_image,
     )
     samples = [
         DetectionSample(
@@ -498,6 +501,7 @@ def finetune_detector(
 
     steps = training_steps(len(samples), settings)
     curve = train_detector(model, live.processor, draw, settings, live.device, steps, progress)
+    average_into(model, parent, settings.parent_weight_share)
     candidate = Detector(model, live.processor, live.device, live.dtype, version="candidate")
     return candidate, curve, len(samples)
 
