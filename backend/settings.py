@@ -311,11 +311,11 @@ class Settings(BaseSettings):
         description="Train on each whole image as one more window (the full-image pass's scale).",
     )
     parent_weight_share: float = Field(
-        0.0,
+        0.5,
         ge=0,
         lt=1,
         description="Share of the parent's weights averaged into a fine-tuned candidate "
-        "(WiSE-FT); 0: the fine-tuned weights as they are.",
+        "(WiSE-FT): keeps what a base that already detects knows; 0: the fine-tuned weights.",
     )
     train_augment: bool = Field(
         True,

@@ -90,6 +90,8 @@ def test_the_job_trains_and_scores_at_the_window_it_serves_with_and_records_it(
     )
     assert meta["dataset"]["window"] == [128, 128]
     assert meta["settings"]["slice_width"] is None  # what was set: auto
+    # This parent finds the squares on the training tasks: half of it is averaged back in.
+    assert meta["dataset"]["parent_weight_share"] == 0.5
 
 
 def test_a_window_set_larger_than_the_input_is_said_once_per_model(

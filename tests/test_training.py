@@ -52,6 +52,8 @@ def test_fine_tuning_raises_held_out_map_and_publishes_the_version(
         and "bootstrap" in meta["decision"]["detector"]["why"]
     )
     assert meta["settings"]["grad_clip"] == settings.grad_clip  # every setting that shaped it
+    # A random parent finds nothing on the training tasks: nothing of it is averaged back in.
+    assert meta["dataset"]["parent_weight_share"] == 0.0
     config = json.loads((folder / "detector" / "config.json").read_text())
     assert config["id2label"] == {
         "0": "Vehicle",

@@ -259,9 +259,13 @@ def train_and_evaluate(ctx: JobContext, data: TrainingData, parent: ModelBundle)
     if rect is not None and parent.detector is not None and any(t.boxes for t in data.train):
         slicing = SliceConfig.from_settings(ctx.settings, parent.detector)
         data.stats["window"] = [slicing.slice_width, slicing.slice_height]
+        ctx.stage("scoring the parent")
+        share = data.stats["parent_weight_share"] = parent_share(
+            ctx.settings, parent.detector, rect, data.train, data.images, slicing
+        )
         out.detector, out.curves["detector"], data.stats["windows"] = finetune_detector(
             ctx.settings, parent.detector, rect, data.train, data.images,
-            ctx.step_reporter("training detector"),
+            ctx.step_reporter("training detector"), share,
         )  # fmt: skip
         ctx.stage("evaluating")
         candidate = _evaluate_detector(
@@ -449,10 +453,12 @@ def finetune_detector(
     train: list[LabelledTask],
     images: dict[int, Image.Image],
     progress: Progress | None = None,
+    share: float | None = None,
 ) -> tuple[Detector, list[float], int]:
-    """A copy of ``live`` relabelled to ``tag``'s labels and fine-tuned on the boxes of
-    ``train`` (slicing-aided: windows of the slice size): the candidate, its loss curve and
-    the number of windows. No gate, nothing published: ``run_training`` does that."""
+    """A copy of ``live`` relabelled to ``tag``'s labels, fine-tuned on the boxes of
+    ``train`` (slicing-aided: windows of the slice size) and averaged with ``share`` of its
+    start (default: ``parent_share``): the candidate, its loss curve and the number of
+    windows. No gate, nothing published: ``run_training`` does that."""
     labels = list(tag.labels)
     model = copy.deepcopy(live.model).float()
     relabel_head(model, DETECTOR_HEADS, labels, tag.label_for)
@@ -500,10 +506,35 @@ def finetune_detector(
         return DetectionSample(crop(image, window), kept, [labels.index(n) for n in names_])
 
     steps = training_steps(len(samples), settings)
+    if share is None:
+        share = parent_share(settings, live, tag, train, images, slicing)
     curve = train_detector(model, live.processor, draw, settings, live.device, steps, progress)
-    average_into(model, parent, settings.parent_weight_share)
+    average_into(model, parent, share)
     candidate = Detector(model, live.processor, live.device, live.dtype, version="candidate")
     return candidate, curve, len(samples)
+
+
+PARENT_CHECK_TASKS = 8  # training tasks the parent is scored on before averaging with it
+
+
+def parent_share(
+    settings: Settings,
+    live: Detector,
+    tag: ControlTag,
+    train: list[LabelledTask],
+    images: dict[int, Image.Image],
+    slicing: SliceConfig,
+) -> float:
+    """``PARENT_WEIGHT_SHARE`` when the parent finds some of the training tasks' objects
+    (mAP@.5 above 0 on at most ``PARENT_CHECK_TASKS`` of them, images it has never been
+    trained on), else 0: a parent that finds nothing has nothing to keep, and averaging a
+    model with one that knows nothing (a random head) only undoes the training."""
+    if settings.parent_weight_share <= 0:
+        return 0.0
+    scored = _evaluate_detector(
+        live, tag, train[:PARENT_CHECK_TASKS], images, slicing, own_labels=False
+    )
+    return settings.parent_weight_share if scored.metrics[GATE_METRIC] > 0 else 0.0
 
 
 @dataclass
