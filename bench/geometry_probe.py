@@ -211,7 +211,8 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     v = args.variant
     start = time.monotonic()
     with stack:
-        cand, curve, windows = job.finetune_detector(settings, base, TAG, train, images)
+        tuned = job.finetune_detector(settings, base, TAG, train, images)
+        cand, curve, windows = tuned.detector, tuned.curve, tuned.windows
         out["train_seconds"] = round(time.monotonic() - start, 1)
         out["windows"] = windows
         out["loss_first_last"] = [

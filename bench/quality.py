@@ -475,7 +475,8 @@ def sahi_table(seed: int, labels: int, split: TestSplit, base: Path) -> list[dic
             slice_height=size, slice_width=size, device="cpu", train_steps=600,
             train_augment=size == SLICE,
         )  # fmt: skip
-        detector, _, windows = finetune_detector(settings, base_detector, tag, train, images)
+        tuned = finetune_detector(settings, base_detector, tag, train, images)
+        detector, windows = tuned.detector, tuned.windows
         for name, slicing in inference.items():
             rows.append({"fine-tuning on": training, "windows": windows, "inference": name,
                          **score(detector, tag, split, slicing, settings.score_threshold)})  # fmt: skip

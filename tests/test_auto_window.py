@@ -90,8 +90,9 @@ def test_the_job_trains_and_scores_at_the_window_it_serves_with_and_records_it(
     )
     assert meta["dataset"]["window"] == [128, 128]
     assert meta["settings"]["slice_width"] is None  # what was set: auto
-    # This parent finds the squares on the training tasks: half of it is averaged back in.
-    assert meta["dataset"]["parent_weight_share"] == 0.5
+    # This parent finds the squares on the training tasks: its average with the candidate
+    # was scored too, and the held-out tasks chose one (the share it took is recorded).
+    assert meta["dataset"]["parent_weight_share"] in (0.0, 0.5)
 
 
 def test_a_window_set_larger_than_the_input_is_said_once_per_model(
@@ -104,3 +105,47 @@ def test_a_window_set_larger_than_the_input_is_said_once_per_model(
         ).close()
     [line] = [r.getMessage() for r in caplog.records if "slice_window_shrunk" in r.getMessage()]
     assert "window=512x512 input=128 shrink=4.0x" in line
+
+
+def test_the_held_out_tasks_choose_between_the_candidate_and_its_average_with_the_parent(
+    fake: FakeStudio, tmp_path: Path, detector: Detector, detector_dir: Path
+) -> None:
+    import copy
+
+    import torch
+
+    from label_studio_sahi.training.finetune import DETECTOR_HEADS, relabel_head
+    from label_studio_sahi.training.job import FineTuned, _better_of, gather
+
+    project = labelled_project(fake, n_tasks=4)
+    settings = stack_settings(fake, None, detector_dir, tmp_path / "models")
+    data = gather(JobContext(settings, Registry.for_settings(settings, None)), str(project.id))
+    tag = data.config.rectangles[0]
+    tasks = data.train + data.held
+    slicing = SliceConfig.from_settings(settings, detector)
+    model = copy.deepcopy(detector.model)
+    relabel_head(model, DETECTOR_HEADS, list(tag.labels), tag.label_for)  # as the job does
+    knows = Detector(model, detector.processor, detector.device, detector.dtype, version="k")
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in broken.parameters():
+            p.add_(torch.randn_like(p) * 0.5)  # a fine-tune that forgot everything
+    forgot = Detector(broken, detector.processor, detector.device, detector.dtype, version="x")
+
+    # Its start knew the squares: the average (mostly the start) scores higher, and is taken.
+    chosen, scored, share = _better_of(
+        FineTuned(forgot, [], 0, good), 0.99, tag, tasks, data.images, slicing
+    )
+    assert share == 0.99 and chosen is not forgot and scored.metrics["map_50"] > 0
+    # A good candidate from a start that knew nothing: the candidate itself is kept.
+    noise = {k: v.clone() for k, v in broken.state_dict().items()}
+    chosen, _, share = _better_of(
+        FineTuned(knows, [], 0, noise), 0.99, tag, tasks, data.images, slicing
+    )
+    assert share == 0.0 and chosen is knows
+    # No share: nothing else is scored.
+    assert (
+        _better_of(FineTuned(forgot, [], 0, good), 0.0, tag, tasks, data.images, slicing)[2] == 0.0
+    )
