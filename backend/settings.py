@@ -314,8 +314,9 @@ class Settings(BaseSettings):
         0.5,
         ge=0,
         lt=1,
-        description="Share of the parent's weights averaged into a fine-tuned candidate "
-        "(WiSE-FT): keeps what a base that already detects knows; 0: the fine-tuned weights.",
+        description="Share of the parent's weights in a second candidate, the fine-tuned one "
+        "averaged with its parent (WiSE-FT), which the held-out tasks weigh against the "
+        "fine-tuned one; 0: no second candidate.",
     )
     train_augment: bool = Field(
         True,
