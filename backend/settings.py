@@ -322,8 +322,10 @@ class Settings(BaseSettings):
         True,
         description="Train on windows at random places around objects too, flipped and colour-jittered.",
     )
+    # 0.95, the conventional level, not 0.8: candidates better in 82-84 % of the draws of 6
+    # held-out images scored below their parent on the test split (bench/README, Geometry).
     promote_confidence: float = Field(
-        0.8,
+        0.95,
         ge=0,
         lt=1,
         description="Promote a candidate only when a paired bootstrap over held-out images finds it better this often (on a mAP tie: fewer corrections).",
