@@ -27,9 +27,12 @@ AUTO_MAX_SLICE = 1024
 AUTO_NO_SLICE_BELOW = 1024
 # SLICE_*=auto with a detector: windows of its input size, at most sahi's 512 px. A window
 # larger than the input is shrunk into it, objects with it, and fine-tuning stops paying:
-# with a 128 px input, 256 and 512 px windows gained nothing from 10 labels where 64 and
-# 128 px ones gained 7-18x the base's test mAP@.5 (bench/README.md, "Geometry").
+# with a 128 px input, 256 and 512 px windows gained nothing from 10 labels (median of 3
+# seeds) where 64 and 128 px ones gained 6-25x the base's test mAP@.5 (bench/README.md,
+# "Geometry").
 AUTO_MAX_WINDOW = 512
+# Rows of the box-to-box overlap computed at once when merging: 1024 x N floats at a time.
+MATCH_BLOCK_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -161,15 +164,18 @@ def slice_windows(
     return torch.tensor(windows, dtype=torch.int64)
 
 
-def pairwise_overlap(boxes: torch.Tensor, metric: MatchMetric) -> torch.Tensor:
-    """``[N, N]`` IoU, or intersection over the smaller box's area (IoS)."""
+def pairwise_overlap(
+    boxes: torch.Tensor, metric: MatchMetric, others: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[N, M]`` IoU, or intersection over the smaller box's area (IoS), of ``boxes``
+    against ``others`` (against themselves, ``[N, N]``, when ``others`` is None)."""
+    others = boxes if others is None else others
     if metric == "IOU":
-        return box_iou(boxes, boxes)
-    areas = box_area(boxes)
-    top_left = torch.maximum(boxes[:, None, :2], boxes[None, :, :2])
-    bottom_right = torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+        return box_iou(boxes, others)
+    top_left = torch.maximum(boxes[:, None, :2], others[None, :, :2])
+    bottom_right = torch.minimum(boxes[:, None, 2:], others[None, :, 2:])
     inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)
-    smaller = torch.minimum(areas[:, None], areas[None, :])
+    smaller = torch.minimum(box_area(boxes)[:, None], box_area(others)[None, :])
     return torch.where(smaller > 0, inter / smaller.clamp(min=1e-12), torch.zeros_like(inter))
 
 
@@ -193,12 +199,26 @@ def score_order(det: Detections) -> torch.Tensor:
     return order
 
 
-def _match_matrix(det: Detections, metric: MatchMetric, class_agnostic: bool) -> torch.Tensor:
-    overlap = pairwise_overlap(det.boxes, metric)
-    if not class_agnostic:
-        # Boxes of different classes never match: the same as running per class.
-        overlap = overlap * (det.labels[:, None] == det.labels[None, :])
-    return overlap
+def _matches(
+    det: Detections, metric: MatchMetric, threshold: float, class_agnostic: bool
+) -> torch.Tensor:
+    """``[N, N]`` booleans (on the CPU): boxes ``i`` and ``j`` are the same object.
+
+    Built ``MATCH_BLOCK_ROWS`` rows at a time. The float overlaps of all pairs at once, with
+    their temporaries, took about 36 bytes a pair: 2.3 GB for 8,000 boxes, and it grows with
+    the square. A weak base at 64 px windows leaves 6,600 boxes per image above the serving
+    threshold. The booleans take one byte a pair: that merge now peaks 0.5 GB above its
+    input."""
+    n = len(det)
+    out = torch.empty((n, n), dtype=torch.bool)
+    for start in range(0, n, MATCH_BLOCK_ROWS):
+        rows = slice(start, start + MATCH_BLOCK_ROWS)
+        overlap = pairwise_overlap(det.boxes[rows], metric, det.boxes)
+        if not class_agnostic:
+            # Boxes of different classes never match: the same as running per class.
+            overlap = overlap * (det.labels[rows, None] == det.labels[None, :])
+        out[rows] = (overlap >= threshold).cpu()
+    return out
 
 
 def nms_keep(
@@ -213,7 +233,7 @@ def nms_keep(
         if class_agnostic:
             return nms(det.boxes, det.scores, threshold)
         return batched_nms(det.boxes, det.scores, det.labels, threshold)
-    matches = (_match_matrix(det, metric, class_agnostic) >= threshold).cpu()
+    matches = _matches(det, metric, threshold, class_agnostic)
     suppressed = torch.zeros(len(det), dtype=torch.bool)
     keep: list[int] = []
     for idx in score_order(det).tolist():
@@ -303,7 +323,7 @@ def merge_detections(
         return det.select(nms_keep(det, metric, threshold, class_agnostic))
     if merge_type not in ("NMM", "GREEDYNMM"):
         raise ValueError(f"unknown merge type {merge_type!r}; use NMS, NMM or GREEDYNMM")
-    matches = _match_matrix(det, metric, class_agnostic) >= threshold
+    matches = _matches(det, metric, threshold, class_agnostic)
     order = score_order(det).tolist()
     groups = (
         _greedy_groups(matches, order)

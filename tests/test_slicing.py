@@ -8,6 +8,8 @@ from sahi.postprocess.combine import GreedyNMMPostprocess, NMMPostprocess, NMSPo
 from sahi.prediction import ObjectPrediction
 from sahi.slicing import get_slice_bboxes
 
+from label_studio_sahi import slicing
+from label_studio_sahi.settings import MatchMetric
 from label_studio_sahi.slicing import (
     Detections,
     auto_slice_size,
@@ -151,3 +153,35 @@ def test_class_aware_merge_keeps_overlapping_boxes_of_other_classes() -> None:
     )
     assert len(merge_detections(det, "NMS", "IOU", 0.5, class_agnostic=False)) == 2
     assert len(merge_detections(det, "NMS", "IOU", 0.5, class_agnostic=True)) == 1
+
+
+@pytest.mark.parametrize("metric", ["IOS", "IOU"])
+def test_a_merge_of_more_boxes_than_one_block_matches_the_whole_matrix_at_once(
+    metric: MatchMetric, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The overlaps are built a block of rows at a time so that tens of thousands of boxes
+    # fit in memory; the blocks must add up to the matrix computed in one go.
+    gen = torch.Generator().manual_seed(0)
+    xy = torch.rand(300, 2, generator=gen) * 200
+    boxes = torch.cat([xy, xy + 5 + torch.rand(300, 2, generator=gen) * 30], dim=1)
+    det = Detections(
+        boxes, torch.rand(300, generator=gen), torch.randint(0, 3, (300,), generator=gen)
+    )
+    whole = merge_detections(det, "GREEDYNMM", metric, 0.3)
+    monkeypatch.setattr(slicing, "MATCH_BLOCK_ROWS", 7)
+    blocked = merge_detections(det, "GREEDYNMM", metric, 0.3)
+    assert len(whole) < 300  # boxes were merged
+    assert torch.equal(whole.boxes, blocked.boxes) and torch.equal(whole.labels, blocked.labels)
+    assert torch.equal(slicing.nms_keep(det, metric, 0.3, False), nms_keep_whole(det, metric))
+
+
+def nms_keep_whole(det: Detections, metric: MatchMetric) -> torch.Tensor:
+    """NMS from the overlap matrix computed in one go, as a reference."""
+    overlap = pairwise_overlap(det.boxes, metric) * (det.labels[:, None] == det.labels[None, :])
+    suppressed = torch.zeros(len(det), dtype=torch.bool)
+    keep: list[int] = []
+    for idx in slicing.score_order(det).tolist():
+        if not suppressed[idx]:
+            keep.append(idx)
+            suppressed |= overlap[idx] >= 0.3
+    return torch.tensor(keep, dtype=torch.int64)
