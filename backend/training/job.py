@@ -263,7 +263,7 @@ def train_and_evaluate(ctx: JobContext, data: TrainingData, parent: ModelBundle)
         share = parent_share(ctx.settings, parent.detector, rect, data.train, data.images, slicing)
         tuned = finetune_detector(
             ctx.settings, parent.detector, rect, data.train, data.images,
-            ctx.step_reporter("training detector"), share=0.0,
+            ctx.step_reporter("training detector"),
         )  # fmt: skip
         out.curves["detector"], data.stats["windows"] = tuned.curve, tuned.windows
         ctx.stage("evaluating")
@@ -496,11 +496,11 @@ def finetune_detector(
     train: list[LabelledTask],
     images: dict[int, Image.Image],
     progress: Progress | None = None,
-    share: float = 0.0,
 ) -> FineTuned:
     """A copy of ``live`` relabelled to ``tag``'s labels, fine-tuned on the boxes of
-    ``train`` (slicing-aided: windows of the slice size) and averaged with ``share`` of its
-    start. No gate, nothing published: ``run_training`` does that."""
+    ``train`` (slicing-aided: windows of the slice size), with the weights it started from
+    (``FineTuned.averaged`` blends them back in). No gate, nothing published:
+    ``run_training`` does that."""
     labels = list(tag.labels)
     model = copy.deepcopy(live.model).float()
     relabel_head(model, DETECTOR_HEADS, labels, tag.label_for)
@@ -549,7 +549,6 @@ def finetune_detector(
 
     steps = training_steps(len(samples), settings)
     curve = train_detector(model, live.processor, draw, settings, live.device, steps, progress)
-    average_into(model, parent, share)
     candidate = Detector(model, live.processor, live.device, live.dtype, version="candidate")
     return FineTuned(candidate, curve, len(samples), parent)
 
