@@ -53,6 +53,7 @@ from label_studio_sahi.training.evaluate import (
     corrections,
     detection_metrics,
     paired_bootstrap,
+    sign_test_fewer,
 )
 from label_studio_sahi.training.finetune import (
     CLASSIFIER_HEADS,
@@ -298,6 +299,9 @@ def train_and_evaluate(ctx: JobContext, data: TrainingData, parent: ModelBundle)
                 if resample
                 else float(sum(fixes["candidate"]) < sum(fixes["live"]))
             )
+            out.metrics["sign_fewer_corrections"] = (
+                sign_test_fewer(fixes["candidate"], fixes["live"]) if resample else 1.0
+            )
     choice = data.config.choices[0] if data.config.choices else None
     if choice is not None and parent.classifier is not None and any(t.choices for t in data.train):
         out.classifier, out.curves["classifier"] = finetune_classifier(
@@ -320,9 +324,10 @@ def decide(candidates: Candidates, settings: Settings) -> dict[str, dict[str, An
     ``PROMOTE_CONFIDENCE`` of the paired bootstrap draws of the held-out images (a few
     images are noise). On a tie (most often both 0: a few sparse held-out images where
     neither model finds the objects), it must instead leave the annotator fewer corrections
-    at the serving threshold, in as many bootstrap draws: mAP does not see a live model that
-    sprays false boxes, an annotator deletes every one. The classifier must have a higher
-    held-out accuracy.
+    at the serving threshold, in as many bootstrap draws and by a sign test over the images
+    (a tie on 2 held-out images never promotes: chance makes one model lower on both once in
+    four): mAP does not see a live model that sprays false boxes, an annotator deletes every
+    one. The classifier must have a higher held-out accuracy.
     """
     m = candidates.metrics
     out: dict[str, dict[str, Any]] = {}
@@ -335,12 +340,13 @@ def decide(candidates: Candidates, settings: Settings) -> dict[str, dict[str, An
             f"{m['live'][GATE_METRIC]:.4f} ({gain:+.4f})"
         )
         if gain == 0 and "bootstrap_fewer_corrections" in m:
-            fewer = m["bootstrap_fewer_corrections"]
-            promoted = fewer > 0 and fewer >= settings.promote_confidence
+            fewer, signs = m["bootstrap_fewer_corrections"], m["sign_fewer_corrections"]
+            promoted = fewer > 0 and min(fewer, signs) >= settings.promote_confidence
             why = (
                 f"{held}, a tie; corrections at the serving threshold "
                 f"{m['candidate']['corrections']} vs live {m['live']['corrections']}, fewer in "
-                f"{fewer:.0%} of bootstrap draws of {images} images {needs}"
+                f"{fewer:.0%} of bootstrap draws of {images} images and {signs:.0%} by a sign "
+                f"test over them {needs}"
             )
         else:
             sure = m["bootstrap_better"]
