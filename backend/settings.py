@@ -328,7 +328,7 @@ class Settings(BaseSettings):
         0.95,
         ge=0,
         lt=1,
-        description="Promote a candidate only when a paired bootstrap over held-out images finds it better this often (on a mAP tie: fewer corrections).",
+        description="Promote a candidate only when a paired bootstrap over held-out images finds it better this often (on a mAP tie: fewer corrections, also by a sign test over the images).",
     )
     negative_window_ratio: float = Field(
         0.25, ge=0, le=1, description="Share of windows without boxes kept as negatives."
