@@ -16,18 +16,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Dependencies first, in their own layer (against empty packages): a code change then
-# rebuilds in seconds instead of downloading torch again.
+# Dependencies first, in their own layer: pip installs what pyproject.toml names and no code
+# yet, so a code change rebuilds in seconds instead of downloading torch again.
 COPY pyproject.toml README.md ./
-RUN mkdir -p backend/training plugin \
-    && touch backend/__init__.py backend/training/__init__.py plugin/__init__.py \
-    && pip install --no-cache-dir . \
-    && pip uninstall -y label-studio-sahi \
-    && rm -rf backend plugin build *.egg-info
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt && rm /tmp/requirements.txt
 
 COPY backend ./backend
 COPY plugin ./plugin
-RUN pip install --no-cache-dir --no-deps . && rm -rf build *.egg-info
+RUN pip install --no-cache-dir --no-deps . && rm -rf build backend/*.egg-info plugin/*.egg-info
 
 # Non-root. /models exists and belongs to that user, so a fresh named volume mounted there
 # starts out writable (checkpoints, the hub cache).

@@ -38,12 +38,12 @@ import numpy as np
 import torch
 from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor
 
-from label_studio_sahi.detector import Detector
-from label_studio_sahi.predict import ModelBundle, SliceConfig
-from label_studio_sahi.server import create_app
-from label_studio_sahi.service import Service
+from label_studio_sahi.inference.detector import Detector
+from label_studio_sahi.inference.slicing import slice_windows
+from label_studio_sahi.serving.pipeline import ModelBundle, SliceConfig
+from label_studio_sahi.serving.routes import create_app
+from label_studio_sahi.serving.state import Service
 from label_studio_sahi.settings import Settings
-from label_studio_sahi.slicing import slice_windows
 from tests.servers import start_uvicorn, stop_uvicorn
 from tests.tiny_models import draw_scene
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-from label_studio_sahi.classifier import Classifier
+from label_studio_sahi.inference.classifier import Classifier
 
 
 def build_vit_b16(folder: Path) -> Path:

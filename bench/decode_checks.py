@@ -20,8 +20,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
-from label_studio_sahi.image_checks import check_structure
-from label_studio_sahi.images import _torchvision_decode, decode_pixels
+from label_studio_sahi.images.checks import check_structure
+from label_studio_sahi.images.fetch import _torchvision_decode, decode_pixels
 from label_studio_sahi.settings import Settings
 
 

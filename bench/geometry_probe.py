@@ -23,17 +23,19 @@ import numpy as np
 import torch
 
 from bench import quality_data as data
-from label_studio_sahi import hub
-from label_studio_sahi.detector import Detector
-from label_studio_sahi.labeling import parse_label_config
-from label_studio_sahi.predict import SliceConfig
+from label_studio_sahi.inference import checkpoints
+from label_studio_sahi.inference.detector import Detector
+from label_studio_sahi.labelstudio.label_config import parse_label_config
+from label_studio_sahi.serving.pipeline import SliceConfig
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.training import finetune, job
 from label_studio_sahi.training.dataset import LabelledTask, split_holdout
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "tests" / "fixtures" / "models" / "source-base"
-CONFIG = (ROOT / "plugin" / "templates" / "boxes_and_scenes.xml").read_text()
+CONFIG = (
+    ROOT / "plugin" / "label_studio_sahi_plugin" / "templates" / "boxes_and_scenes.xml"
+).read_text()
 TAG = parse_label_config(CONFIG).rectangles[0]
 LABEL_OF = {"car": "Vehicle", "truck": "Vehicle", "person": "Person"}
 GROUNDS = [(128, 128, 128), (215, 190, 120)]
@@ -278,7 +280,7 @@ _orig_targets = finetune._targets
 
 def _canvas_targets(processor: Any) -> Any:
     def targets(batch: Any, device: Any) -> Any:
-        mask = hub.process_images(processor, [s.image for s in batch])["pixel_mask"]
+        mask = checkpoints.process_images(processor, [s.image for s in batch])["pixel_mask"]
         out = _orig_targets(batch, device)
         ch, cw = mask.shape[-2:]
         for t, m in zip(out, mask, strict=True):
@@ -305,7 +307,7 @@ def _native_process(processor: Any, images: Any, size: Any = None, device: Any =
         size = {"shortest_edge": min(w, h), "longest_edge": max(w, h)}
     else:  # a whole image with windows: each at the window scale would be huge; use 512
         size = {"shortest_edge": 512, "longest_edge": 1024}
-    return hub.process_images(processor, images, size=size, device=device)
+    return checkpoints.process_images(processor, images, size=size, device=device)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patch", default="")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    config = (gp.ROOT / "plugin" / "templates" / "boxes_and_scenes.xml").read_text()
+    config = (
+        gp.ROOT / "plugin" / "label_studio_sahi_plugin" / "templates" / "boxes_and_scenes.xml"
+    ).read_text()
     data.LABEL_CONFIG = config
     data.LABEL_OF = dict(gp.LABEL_OF)
     data.LABELS = ("Vehicle", "Person")

@@ -26,13 +26,13 @@ from typing import Any
 import httpx
 import torch
 
-from label_studio_sahi.images import load_local_image
-from label_studio_sahi.models import load_base_bundle
-from label_studio_sahi.redis_server import EmbeddedRedis, connect
-from label_studio_sahi.registry import Registry
-from label_studio_sahi.server import create_app
-from label_studio_sahi.service import Service
+from label_studio_sahi.images.fetch import load_local_image
+from label_studio_sahi.jobs.redis_server import EmbeddedRedis, connect
+from label_studio_sahi.serving.routes import create_app
+from label_studio_sahi.serving.state import Service
 from label_studio_sahi.settings import Settings
+from label_studio_sahi.versions.bundles import load_base_bundle
+from label_studio_sahi.versions.registry import Registry
 from tests.servers import start_uvicorn, stop_uvicorn
 from tests.tiny_models import draw_scene
 

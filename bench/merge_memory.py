@@ -21,8 +21,8 @@ import sys
 import torch
 
 from bench.memory import PeakRSS
-from label_studio_sahi import slicing
-from label_studio_sahi.slicing import Detections, merge_detections
+from label_studio_sahi.inference import slicing
+from label_studio_sahi.inference.slicing import Detections, merge_detections
 
 
 def boxes(n: int, seed: int = 0) -> Detections:

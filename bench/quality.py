@@ -40,17 +40,21 @@ import torch
 
 from bench import quality_data as data
 from label_studio_sahi import names
-from label_studio_sahi.detector import Detector
-from label_studio_sahi.labeling import parse_label_config
-from label_studio_sahi.models import live_version, project_bundle, version_bundle
-from label_studio_sahi.predict import ModelBundle, SliceConfig, sliced_detect
-from label_studio_sahi.redis_server import EmbeddedRedis, connect
-from label_studio_sahi.registry import Registry
-from label_studio_sahi.scores import one_to_one_matches
+from label_studio_sahi.inference.detector import Detector
+from label_studio_sahi.inference.scores import one_to_one_matches
+from label_studio_sahi.inference.slicing import Detections
+from label_studio_sahi.jobs.redis_server import EmbeddedRedis, connect
+from label_studio_sahi.labelstudio.label_config import parse_label_config
+from label_studio_sahi.serving.pipeline import ModelBundle, SliceConfig, sliced_detect
 from label_studio_sahi.settings import Settings
-from label_studio_sahi.slicing import Detections
-from label_studio_sahi.training.evaluate import detection_metrics, truth_detections
+from label_studio_sahi.training.evaluate import (
+    detection_metrics,
+    in_project_labels,
+    truth_detections,
+)
 from label_studio_sahi.training.job import EVAL_SCORE_THRESHOLD, JobContext, run_training
+from label_studio_sahi.versions.bundles import live_version, project_bundle, version_bundle
+from label_studio_sahi.versions.registry import Registry
 from tests.fake_studio import FakeStudio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,13 +157,7 @@ def score(
             if detect is not None
             else sliced_detect(detector, pixels, slicing, EVAL_SCORE_THRESHOLD)
         )
-        labels = [
-            detector.id2label[int(c)] if own else tag.label_for(detector.id2label[int(c)])
-            for c in found.labels.tolist()
-        ]
-        keep = [i for i, name in enumerate(labels) if name in tag.labels]
-        mapped = found.labels.new_tensor([tag.labels.index(labels[i]) for i in keep])
-        predictions.append(Detections(found.boxes[keep], found.scores[keep], mapped))
+        predictions.append(in_project_labels(found, detector.id2label, tag, own))
     metrics = detection_metrics(predictions, split.truths, len(tag.labels), split.sizes)
     accept, edit = acceptance_and_edits(predictions, split, threshold)
     return {

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from label_studio_sahi.labeling import parse_label_config, rectangle_result
+from label_studio_sahi.labelstudio.label_config import parse_label_config, rectangle_result
 
 SOURCE_CLASSES = ("car", "person", "truck")
 SOURCE_COLOURS = {"car": (220, 30, 30), "person": (30, 60, 220), "truck": (30, 190, 40)}

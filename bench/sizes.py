@@ -52,10 +52,10 @@ def serve_one(model: str, device: str, image_dir: Path, name: str) -> dict[str, 
 
     from bench.bench_predict import build_detr_r50, serve_folder
     from bench.memory import PeakRSS
-    from label_studio_sahi.models import load_base_bundle
-    from label_studio_sahi.server import create_app
-    from label_studio_sahi.service import Service
+    from label_studio_sahi.serving.routes import create_app
+    from label_studio_sahi.serving.state import Service
     from label_studio_sahi.settings import Settings
+    from label_studio_sahi.versions.bundles import load_base_bundle
     from tests.servers import start_uvicorn, stop_uvicorn
 
     folder = str(FIXTURE) if model == "tiny" else str(build_detr_r50(image_dir.parent / "r50"))
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(serve_one(args.model, args.device, Path(args.child[0]), args.child[1])))
         return 0
 
-    from label_studio_sahi.slicing import slice_windows
+    from label_studio_sahi.inference.slicing import slice_windows
 
     work = Path(tempfile.mkdtemp(prefix="ls-sahi-sizes-"))
     images = work / "images"

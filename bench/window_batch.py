@@ -25,8 +25,8 @@ import torch
 
 from bench.bench_predict import build_detr_r50
 from bench.memory import PeakRSS
-from label_studio_sahi.detector import Detector
-from label_studio_sahi.predict import SliceConfig, Timings, sliced_detect
+from label_studio_sahi.inference.detector import Detector
+from label_studio_sahi.serving.pipeline import SliceConfig, Timings, sliced_detect
 from tests.tiny_models import draw_scene
 
 

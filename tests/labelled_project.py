@@ -10,7 +10,11 @@ from typing import Any
 from fake_studio import FakeStudio
 from tiny_models import SCENE_COLOURS, draw_scene
 
-from label_studio_sahi.labeling import choices_result, parse_label_config, rectangle_result
+from label_studio_sahi.labelstudio.label_config import (
+    choices_result,
+    parse_label_config,
+    rectangle_result,
+)
 
 CONFIG = """
 <View>

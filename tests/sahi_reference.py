@@ -14,9 +14,9 @@ from sahi.models.huggingface import HuggingfaceDetectionModel
 from sahi.predict import get_sliced_prediction
 from sahi.prediction import ObjectPrediction
 
-from label_studio_sahi.detector import Detector
-from label_studio_sahi.predict import SliceConfig
-from label_studio_sahi.slicing import Detections
+from label_studio_sahi.inference.detector import Detector
+from label_studio_sahi.inference.slicing import Detections
+from label_studio_sahi.serving.pipeline import SliceConfig
 
 
 def sahi_model(detector: Detector, threshold: float) -> HuggingfaceDetectionModel:

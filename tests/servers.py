@@ -13,7 +13,7 @@ from typing import Any
 
 import uvicorn
 
-from label_studio_sahi.http_limits import uvicorn_config
+from label_studio_sahi.serving.http_limits import uvicorn_config
 from label_studio_sahi.settings import Settings
 
 LEGACY_TOKEN = "a" * 20 + "0123456789abcdef0123"
@@ -75,8 +75,8 @@ def serving(bundle: Any, **overrides: Any) -> Iterator[LiveServer]:
 
     The socket is 127.0.0.1 whatever HOST says: HOST decides the login and the default
     ALLOWED_HOSTS, not where the test server listens."""
-    from label_studio_sahi.server import create_app
-    from label_studio_sahi.service import Service
+    from label_studio_sahi.serving.routes import create_app
+    from label_studio_sahi.serving.state import Service
 
     settings = make_settings(**overrides)
     live = start_uvicorn(create_app(settings, Service(settings, bundle)))

@@ -12,9 +12,9 @@ from servers import make_settings
 
 from bench import active_learning, quality
 from bench import quality_data as data
-from label_studio_sahi.detector import Detector
-from label_studio_sahi.labeling import parse_label_config
-from label_studio_sahi.predict import ModelBundle, Predictor, TaskPrediction
+from label_studio_sahi.inference.detector import Detector
+from label_studio_sahi.labelstudio.label_config import parse_label_config
+from label_studio_sahi.serving.pipeline import ModelBundle, Predictor, TaskPrediction
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 from pydantic import ValidationError
 from servers import make_settings, serving
 
-from label_studio_sahi.auth import credentials
-from label_studio_sahi.predict import ModelBundle
+from label_studio_sahi.serving.auth import credentials
+from label_studio_sahi.serving.pipeline import ModelBundle
 
 
 def test_on_a_network_address_a_login_is_generated_once_and_required(

@@ -14,11 +14,11 @@ from servers import make_settings
 from stack import stack_settings
 from tiny_models import detr_processor
 
-from label_studio_sahi.detector import Detector
-from label_studio_sahi.predict import Predictor, SliceConfig
-from label_studio_sahi.registry import Registry
-from label_studio_sahi.slicing import model_window
+from label_studio_sahi.inference.detector import Detector
+from label_studio_sahi.inference.slicing import model_window
+from label_studio_sahi.serving.pipeline import Predictor, SliceConfig
 from label_studio_sahi.training.job import JobContext, run_training
+from label_studio_sahi.versions.registry import Registry
 
 
 def test_the_auto_window_is_the_input_size_never_more_than_512() -> None:
@@ -98,7 +98,7 @@ def test_the_job_trains_and_scores_at_the_window_it_serves_with_and_records_it(
 def test_a_window_set_larger_than_the_input_is_said_once_per_model(
     bundle: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level("WARNING", logger="label_studio_sahi.predict"):
+    with caplog.at_level("WARNING", logger="label_studio_sahi.serving.pipeline"):
         Predictor(bundle, make_settings(slice_height=512, slice_width=512), lambda *_: None).close()
         Predictor(
             bundle, make_settings(slice_height=None, slice_width=None), lambda *_: None

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from labelled_project import CONFIG
 from servers import LEGACY_TOKEN, LiveServer, make_settings, start_uvicorn, stop_uvicorn
 
-from label_studio_sahi.predict import ModelBundle
-from label_studio_sahi.server import create_app
-from label_studio_sahi.service import Service
+from label_studio_sahi.serving.pipeline import ModelBundle
+from label_studio_sahi.serving.routes import create_app
+from label_studio_sahi.serving.state import Service
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def live(
     bundle: ModelBundle, images: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
-    from label_studio_sahi.redis_server import connect
+    from label_studio_sahi.jobs.redis_server import connect
 
     settings = make_settings(
         label_studio_url="http://127.0.0.1:9",  # nothing listens: Label Studio is "down"

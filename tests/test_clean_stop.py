@@ -23,7 +23,7 @@ from stack import wait_for, wait_for_health
 from test_up_twice import free_port
 
 from label_studio_sahi import names
-from label_studio_sahi.redis_server import EmbeddedRedis, _answers, connect
+from label_studio_sahi.jobs.redis_server import EmbeddedRedis, _answers, connect
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

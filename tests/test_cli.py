@@ -21,7 +21,7 @@ from stack import wait_for_health
 from tiny_models import draw_scene
 
 from label_studio_sahi.cli import print_records
-from label_studio_sahi.registry import Registry
+from label_studio_sahi.versions.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 

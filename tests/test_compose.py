@@ -2,7 +2,7 @@
 
 The compose file is where settings, CLI commands, ports and paths of the backend meet Label
 Studio and Redis: a typo there fails only at deploy time, so these tests hold it to
-backend/settings.py and backend/cli.py.
+backend/label_studio_sahi/settings.py and backend/label_studio_sahi/cli.py.
 """
 
 from __future__ import annotations

@@ -30,9 +30,9 @@ from rq import Queue
 from ui_backend import Backend, serving_page
 
 from label_studio_sahi import names
-from label_studio_sahi.predict import ModelBundle
-from label_studio_sahi.queueing import job_state
-from label_studio_sahi.redis_server import connect
+from label_studio_sahi.jobs.queueing import job_state
+from label_studio_sahi.jobs.redis_server import connect
+from label_studio_sahi.serving.pipeline import ModelBundle
 
 FORM_ROUTES = ("live", "train", "bulk-predict")
 ACTING_ROUTES = (
@@ -293,7 +293,7 @@ def test_the_pages_forms_need_their_token(backend: Backend) -> None:
 
 def test_the_form_token_outlives_a_restart_and_is_shared_by_workers(backend: Backend) -> None:
     """Every process with the same MODEL_DIR accepts a page another one rendered."""
-    from label_studio_sahi.browser_guard import FORM_SECRET_FILE, FormTokens
+    from label_studio_sahi.serving.browser_guard import FORM_SECRET_FILE, FormTokens
 
     secret = backend.settings.model_dir / FORM_SECRET_FILE
     assert secret.stat().st_mode & 0o077 == 0  # the owner's only

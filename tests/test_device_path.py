@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from label_studio_sahi.detector import Detector
-from label_studio_sahi.hub import CompiledForward, process_images, takes_device
+from label_studio_sahi.inference.checkpoints import CompiledForward, process_images, takes_device
+from label_studio_sahi.inference.detector import Detector
 
 
 def failing_backend(graph: Any, example_inputs: Any) -> Any:

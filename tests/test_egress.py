@@ -20,9 +20,9 @@ from urllib.parse import quote, urlsplit
 import pytest
 from http_origins import LEGACY, PAT, Servers, make_settings, png
 
-import label_studio_sahi.images as images
+import label_studio_sahi.images.fetch as images
 from label_studio_sahi.errors import ImageForbidden, ImageUnreachable
-from label_studio_sahi.images import ImageLoader
+from label_studio_sahi.images.fetch import ImageLoader
 
 
 def _endpoint(url: str) -> str:

@@ -23,14 +23,14 @@ from labelled_project import labelled_project
 from stack import stack_settings
 from tiny_models import draw_scene, random_detr
 
-from label_studio_sahi.detector import Detector
-from label_studio_sahi.engine import ONNX_FILE, onnx_revision, write_onnx
-from label_studio_sahi.hub import checkpoint_revision
-from label_studio_sahi.models import load_base_bundle
-from label_studio_sahi.predict import SliceConfig, sliced_detect
-from label_studio_sahi.registry import Registry
+from label_studio_sahi.inference.checkpoints import checkpoint_revision
+from label_studio_sahi.inference.detector import Detector
+from label_studio_sahi.inference.onnx_engine import ONNX_FILE, onnx_revision, write_onnx
+from label_studio_sahi.serving.pipeline import SliceConfig, sliced_detect
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.training.job import JobContext, run_training
+from label_studio_sahi.versions.bundles import load_base_bundle
+from label_studio_sahi.versions.registry import Registry
 
 SLICING = SliceConfig(slice_height=96, slice_width=96, window_batch_size=2)
 

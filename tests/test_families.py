@@ -20,10 +20,10 @@ from labelled_project import labelled_project
 from stack import stack_settings
 from tiny_models import FAMILIES, draw_scene, new_detector, random_detr
 
-from label_studio_sahi.detector import Detector
-from label_studio_sahi.registry import Registry
+from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.training.finetune import DETECTOR_HEADS, relabel_head
 from label_studio_sahi.training.job import JobContext, run_training
+from label_studio_sahi.versions.registry import Registry
 
 STEPS = 60
 

@@ -16,14 +16,14 @@ from stack import stack_settings
 from test_hot_swap import _version_writer
 from tiny_models import random_detr
 
+from label_studio_sahi.jobs.redis_server import EmbeddedRedis, connect
+from label_studio_sahi.labelstudio.client import StudioError
 from label_studio_sahi.names import train_job_id
-from label_studio_sahi.predict import ModelBundle
-from label_studio_sahi.redis_server import EmbeddedRedis, connect
-from label_studio_sahi.registry import Registry
-from label_studio_sahi.server import create_app
-from label_studio_sahi.service import Service
-from label_studio_sahi.studio import StudioError
+from label_studio_sahi.serving.pipeline import ModelBundle
+from label_studio_sahi.serving.routes import create_app
+from label_studio_sahi.serving.state import Service
 from label_studio_sahi.training.job import JobContext, run_training
+from label_studio_sahi.versions.registry import Registry
 
 
 def test_redis_down_and_back_keeps_serving_and_loses_no_job_or_live_pointer(

@@ -18,8 +18,8 @@ from test_clean_stop import ROOT, _start, _stopped
 from test_up_twice import free_port
 from tiny_models import draw_scene
 
+from label_studio_sahi.jobs.redis_server import EmbeddedRedis
 from label_studio_sahi.private_files import private_dir
-from label_studio_sahi.redis_server import EmbeddedRedis
 
 
 def _mode(path: Path) -> int:

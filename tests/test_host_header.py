@@ -14,8 +14,8 @@ import httpx
 import pytest
 from servers import LiveServer, make_settings, serving
 
-from label_studio_sahi.browser_guard import HostPolicy
-from label_studio_sahi.predict import ModelBundle
+from label_studio_sahi.serving.browser_guard import HostPolicy
+from label_studio_sahi.serving.pipeline import ModelBundle
 from label_studio_sahi.settings import Settings
 
 REBOUND = "rebind.attacker.test"

@@ -22,11 +22,11 @@ from safetensors.torch import load_file, save_file
 from servers import LiveServer, make_settings, start_uvicorn, stop_uvicorn
 from tiny_models import draw_scene
 
-from label_studio_sahi.predict import ModelBundle
-from label_studio_sahi.redis_server import connect
-from label_studio_sahi.registry import Registry
-from label_studio_sahi.server import create_app
-from label_studio_sahi.service import Service
+from label_studio_sahi.jobs.redis_server import connect
+from label_studio_sahi.serving.pipeline import ModelBundle
+from label_studio_sahi.serving.routes import create_app
+from label_studio_sahi.serving.state import Service
+from label_studio_sahi.versions.registry import Registry
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +63,7 @@ def served(
     )
     image_path = tmp_path / "scene.png"
     draw_scene(384, 256, 6, random.Random(3)).image.save(image_path)
-    from label_studio_sahi.images import load_local_image
+    from label_studio_sahi.images.fetch import load_local_image
 
     service = Service(
         settings,

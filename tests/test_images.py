@@ -38,7 +38,7 @@ from label_studio_sahi.errors import (
     ImageUnreachable,
     ImageURLError,
 )
-from label_studio_sahi.images import (
+from label_studio_sahi.images.fetch import (
     ImageLoader,
     decode_image,
     decode_pixels,

@@ -22,8 +22,8 @@ from stack import Stack, job_done, stack_settings, start_stack, wait_for
 from tiny_models import random_detr
 
 from label_studio_sahi.names import train_job_id
-from label_studio_sahi.registry import Registry
 from label_studio_sahi.training.finetune import training_steps
+from label_studio_sahi.versions.registry import Registry
 
 pytestmark = pytest.mark.slow
 

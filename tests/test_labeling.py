@@ -1,4 +1,4 @@
-"""Label config parsing and Label Studio result building (backend/labeling.py)."""
+"""Label config parsing, Label Studio result building, and a model's classes as a project's labels."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from label_studio_sahi.errors import LabelConfigError
-from label_studio_sahi.labeling import (
+from label_studio_sahi.inference.slicing import Detections
+from label_studio_sahi.labelstudio.label_config import (
     ControlTag,
     LabelConfig,
     annotation_boxes,
@@ -18,6 +20,7 @@ from label_studio_sahi.labeling import (
     parse_label_config,
     rectangle_result,
 )
+from label_studio_sahi.training.evaluate import in_project_labels
 
 CONFIG = """
 <View>
@@ -481,3 +484,18 @@ def test_default_config_has_only_the_controls_with_classes() -> None:
     assert [c.name for c in only_boxes.controls] == ["label"]
     only_classes = parse_label_config(default_label_config([], ["indoor"]))
     assert [c.name for c in only_classes.controls] == ["class"]
+
+
+def test_a_models_boxes_take_the_projects_labels_as_served() -> None:
+    tag = parse_label_config(CONFIG).rectangles[0]  # Car (car, truck), person
+    found = Detections(
+        torch.tensor([[0, 0, 5, 5], [1, 1, 6, 6], [2, 2, 7, 7], [3, 3, 8, 8]]).float(),
+        torch.tensor([0.9, 0.8, 0.7, 0.6]),
+        torch.tensor([0, 1, 2, 3]),
+    )
+    base = {0: "truck", 1: "dog", 2: "person", 3: "car"}  # a base model's own classes
+    mapped = in_project_labels(found, base, tag, own_labels=False)
+    assert mapped.labels.tolist() == [0, 1, 0]  # Car, person, Car; no label for a dog
+    assert mapped.scores.tolist() == pytest.approx([0.9, 0.7, 0.6])
+    tuned = {0: "person", 1: "Car", 2: "Car", 3: "bicycle"}  # a fine-tuned model's labels
+    assert in_project_labels(found, tuned, tag, own_labels=True).labels.tolist() == [1, 0, 0]

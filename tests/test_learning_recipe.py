@@ -13,7 +13,7 @@ from PIL import Image
 from servers import make_settings
 from torch import nn
 
-from label_studio_sahi.slicing import Detections
+from label_studio_sahi.inference.slicing import Detections
 from label_studio_sahi.training.dataset import jittered_window
 from label_studio_sahi.training.evaluate import (
     bootstrap_fewer,

@@ -20,13 +20,13 @@ from PIL import Image
 from servers import make_settings, start_uvicorn, stop_uvicorn
 from test_hot_swap import _version_writer
 
-from label_studio_sahi.labeling import parse_label_config
-from label_studio_sahi.predict import ModelBundle
-from label_studio_sahi.redis_server import connect
-from label_studio_sahi.registry import Registry
-from label_studio_sahi.server import create_app
-from label_studio_sahi.service import Service
+from label_studio_sahi.jobs.redis_server import connect
+from label_studio_sahi.labelstudio.label_config import parse_label_config
+from label_studio_sahi.serving.pipeline import ModelBundle
+from label_studio_sahi.serving.routes import create_app
+from label_studio_sahi.serving.state import Service
 from label_studio_sahi.settings import Settings, SettingsError, read_settings
+from label_studio_sahi.versions.registry import Registry
 
 BODY = {"tasks": [{"id": 1, "data": {"image": "http://x/a.png"}}], "label_config": CONFIG}
 

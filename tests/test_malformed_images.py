@@ -28,13 +28,13 @@ from servers import make_settings, start_uvicorn, stop_uvicorn
 from stack import Stack, job_done, stack_settings, start_stack, start_worker, wait_for
 from tiny_models import random_detr
 
-from label_studio_sahi import images as images_module
 from label_studio_sahi.errors import ImageTooLarge
-from label_studio_sahi.images import ImageLoader
-from label_studio_sahi.predict import ModelBundle, RequestImages
-from label_studio_sahi.server import create_app
-from label_studio_sahi.service import Service
-from label_studio_sahi.trigger import TrainingTrigger
+from label_studio_sahi.images import fetch as images_module
+from label_studio_sahi.images.fetch import ImageLoader
+from label_studio_sahi.jobs.trigger import TrainingTrigger
+from label_studio_sahi.serving.pipeline import ModelBundle, RequestImages
+from label_studio_sahi.serving.routes import create_app
+from label_studio_sahi.serving.state import Service
 
 TESTS = Path(__file__).resolve().parent
 
@@ -126,7 +126,7 @@ def test_no_file_crashes_a_decoder_each_is_refused_by_name_or_decoded_right(
 
 def test_refusals_name_the_problem() -> None:
     from label_studio_sahi.errors import ImageFormatError
-    from label_studio_sahi.images import decode_pixels
+    from label_studio_sahi.images.fetch import decode_pixels
 
     with pytest.raises(ImageFormatError) as err:
         decode_pixels(short_idat_png(64, 64, 4), make_settings())

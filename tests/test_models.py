@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from tiny_models import SCENE_COLOURS, draw_scene, random_detr
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
-from label_studio_sahi.classifier import Classifier
-from label_studio_sahi.detector import Detector
 from label_studio_sahi.errors import ModelLoadError
+from label_studio_sahi.inference.classifier import Classifier
+from label_studio_sahi.inference.detector import Detector
 
 
 def test_detector_loads_from_a_folder_and_names_its_version(detector_dir: Path) -> None:
@@ -117,8 +117,8 @@ def test_timm_checkpoints_load_as_classifiers(tmp_path: Path) -> None:
 
 
 def test_one_query_decoded_with_two_labels_keeps_its_best_label() -> None:
-    from label_studio_sahi.detector import best_class_per_box
-    from label_studio_sahi.slicing import Detections
+    from label_studio_sahi.inference.detector import best_class_per_box
+    from label_studio_sahi.inference.slicing import Detections
 
     det = Detections(
         torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 9.0, 9.0]]),

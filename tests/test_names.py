@@ -22,7 +22,7 @@ import pytest
 from label_studio_sahi import names
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES_PY = ROOT / "backend" / "names.py"
+NAMES_PY = ROOT / "backend" / "label_studio_sahi" / "names.py"
 
 # A Redis key or channel: "ls-sahi:" not followed by a space ("ls-sahi: error: ..." is the
 # command line's prefix for its messages).
@@ -33,7 +33,7 @@ CONTAINS = {
     "ls-sahi-train": "the training queue or job id (names.TRAIN_QUEUE, names.train_job_id)",
     "ls-sahi-predict": "the bulk queue or job id (names.PREDICT_QUEUE, names.bulk_job_id)",
     "label_studio_sahi.training.job": "a job path (names.TRAIN_JOB)",
-    "label_studio_sahi.bulk_predict": "a job path (names.BULK_JOB)",
+    "label_studio_sahi.jobs.bulk": "a job path (names.BULK_JOB)",
 }
 # Path segments (a literal split on '/') that only names.py may spell; a segment right after
 # "api" is a Label Studio API path ("/api/projects/{id}"), not a folder.
@@ -144,8 +144,12 @@ def _sources() -> list[Path]:
 
 def test_the_scan_sees_the_code_it_guards() -> None:
     relative = {path.relative_to(ROOT).as_posix() for path in _sources()}
-    assert {"backend/registry.py", "backend/trigger.py", "plugin/connect.py"} <= relative
-    assert "backend/names.py" not in relative
+    assert {
+        "backend/label_studio_sahi/versions/registry.py",
+        "backend/label_studio_sahi/jobs/trigger.py",
+        "plugin/label_studio_sahi_plugin/connect.py",
+    } <= relative
+    assert "backend/label_studio_sahi/names.py" not in relative
 
 
 def test_no_stored_name_is_spelled_outside_names_py() -> None:

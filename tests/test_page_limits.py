@@ -19,8 +19,8 @@ from fake_studio import FakeStudio
 from labelled_project import CONFIG
 from ui_backend import Backend, serving_page
 
-from label_studio_sahi.predict import ModelBundle
-from label_studio_sahi.redis_server import connect
+from label_studio_sahi.jobs.redis_server import connect
+from label_studio_sahi.serving.pipeline import ModelBundle
 
 PREVIEWS = 6
 

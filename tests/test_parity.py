@@ -25,8 +25,8 @@ from sahi_reference import sahi_detections
 from test_slicing import assert_same_detections
 from tiny_models import draw_scene
 
-from label_studio_sahi.detector import Detector
-from label_studio_sahi.predict import SliceConfig, sliced_detect
+from label_studio_sahi.inference.detector import Detector
+from label_studio_sahi.serving.pipeline import SliceConfig, sliced_detect
 
 
 @pytest.fixture(scope="module")

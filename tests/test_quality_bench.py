@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import quality, quality_data
-from label_studio_sahi.labeling import parse_label_config
+from label_studio_sahi.labelstudio.label_config import parse_label_config
 
 
 def test_the_generator_is_seeded_and_its_export_is_label_studio_s() -> None:
@@ -21,7 +21,7 @@ def test_the_generator_is_seeded_and_its_export_is_label_studio_s() -> None:
     # 8-48 px on the long side; persons and trucks are half as wide as long.
     assert all(8 <= max(x2 - x1, y2 - y1) <= 48 for x1, y1, x2, y2 in a.boxes)
     config = parse_label_config(quality_data.LABEL_CONFIG)
-    from label_studio_sahi.labeling import annotation_boxes
+    from label_studio_sahi.labelstudio.label_config import annotation_boxes
 
     boxes = annotation_boxes(quality_data.export_result(a), config.rectangles[0].name)
     assert len(boxes) == len(a.boxes)
@@ -39,7 +39,7 @@ def test_acceptance_counts_boxes_an_annotator_need_not_draw() -> None:
     import numpy as np
     import torch
 
-    from label_studio_sahi.slicing import Detections
+    from label_studio_sahi.inference.slicing import Detections
 
     split = quality.TestSplit(
         [np.zeros((10, 10, 3))], [([(0.0, 0.0, 10.0, 10.0), (20.0, 20.0, 30.0, 30.0)], [0, 1])],

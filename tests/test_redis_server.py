@@ -9,12 +9,12 @@ from pathlib import Path
 
 import psutil
 
-from label_studio_sahi.redis_server import _answers, connect
+from label_studio_sahi.jobs.redis_server import _answers, connect
 
 USER = """
 import sys
 from pathlib import Path
-from label_studio_sahi.redis_server import EmbeddedRedis, connect
+from label_studio_sahi.jobs.redis_server import EmbeddedRedis, connect
 server = EmbeddedRedis(Path(sys.argv[1]))
 connect(server.start()).incr("starts")
 print("up", flush=True)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from label_studio_sahi.names import LIVE_CHANNEL
-from label_studio_sahi.registry import Registry, VersionNotFound
+from label_studio_sahi.versions.registry import Registry, VersionNotFound
 
 
 def _write(content: str) -> Any:

@@ -13,13 +13,13 @@ import torch
 from servers import make_settings
 from tiny_models import draw_scene
 
-from label_studio_sahi.detector import Detector
 from label_studio_sahi.errors import LabelConfigError
-from label_studio_sahi.labeling import parse_label_config
-from label_studio_sahi.predict import ModelBundle, Predictor, merge_passes, sliced_passes
-from label_studio_sahi.scores import agreement, task_score
+from label_studio_sahi.inference.detector import Detector
+from label_studio_sahi.inference.scores import agreement, task_score
+from label_studio_sahi.inference.slicing import Detections
+from label_studio_sahi.labelstudio.label_config import parse_label_config
+from label_studio_sahi.serving.pipeline import ModelBundle, Predictor, merge_passes, sliced_passes
 from label_studio_sahi.settings import TaskScore
-from label_studio_sahi.slicing import Detections
 
 BOXES = (
     '<View{attr}><Image name="image" value="$image"/>'
@@ -124,7 +124,7 @@ def test_the_task_score_is_the_chosen_methods_over_the_suggested_boxes(
 def test_a_classifiers_margin_is_its_best_minus_second_best(
     classifier_dir: Path, scene: np.ndarray
 ) -> None:
-    from label_studio_sahi.classifier import Classifier
+    from label_studio_sahi.inference.classifier import Classifier
 
     clf = Classifier.load(str(classifier_dir), device="cpu")
     names = list(clf.id2label.values())

@@ -15,9 +15,9 @@ from PIL import Image
 from servers import LEGACY_TOKEN, LiveServer, make_settings, start_uvicorn, stop_uvicorn
 from tiny_models import draw_scene
 
-from label_studio_sahi.predict import ModelBundle
-from label_studio_sahi.server import create_app
-from label_studio_sahi.service import Service
+from label_studio_sahi.serving.pipeline import ModelBundle
+from label_studio_sahi.serving.routes import create_app
+from label_studio_sahi.serving.state import Service
 
 CONFIG = CONFIG_WITH_SCENES  # boxes (car -> Vehicle) and a scene Choices tag
 

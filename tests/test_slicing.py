@@ -8,9 +8,8 @@ from sahi.postprocess.combine import GreedyNMMPostprocess, NMMPostprocess, NMSPo
 from sahi.prediction import ObjectPrediction
 from sahi.slicing import get_slice_bboxes
 
-from label_studio_sahi import slicing
-from label_studio_sahi.settings import MatchMetric
-from label_studio_sahi.slicing import (
+from label_studio_sahi.inference import slicing
+from label_studio_sahi.inference.slicing import (
     Detections,
     auto_slice_size,
     clip_boxes,
@@ -19,6 +18,7 @@ from label_studio_sahi.slicing import (
     slice_windows,
     windows_per_side,
 )
+from label_studio_sahi.settings import MatchMetric
 
 SAHI_POSTPROCESS = {"NMS": NMSPostprocess, "NMM": NMMPostprocess, "GREEDYNMM": GreedyNMMPostprocess}
 

@@ -10,9 +10,7 @@ import pytest
 from fake_studio import FakeStudio, make_jwt
 
 from label_studio_sahi.errors import BackendError, BadRequest
-from label_studio_sahi.plugin.connect import ConnectError, Studio
-from label_studio_sahi.settings import Settings
-from label_studio_sahi.studio import (
+from label_studio_sahi.labelstudio.client import (
     CONNECT_TIMEOUT_S,
     READ_TIMEOUT_S,
     StudioAuthError,
@@ -22,6 +20,7 @@ from label_studio_sahi.studio import (
     StudioResponseError,
     project_id,
 )
+from label_studio_sahi.settings import Settings
 
 CONFIG = '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image"><Label value="car"/></RectangleLabels></View>'
 BOX = {
@@ -53,7 +52,7 @@ def fake() -> Iterator[FakeStudio]:
 @pytest.fixture(params=["legacy", "pat"])
 def client(request: pytest.FixtureRequest, fake: FakeStudio) -> Iterator[StudioClient]:
     key = fake.legacy_token if request.param == "legacy" else fake.pat
-    with StudioClient(settings(fake.url, key)) as studio:
+    with StudioClient.from_settings(settings(fake.url, key)) as studio:
         assert studio.token_kind == request.param
         yield studio
 
@@ -87,7 +86,7 @@ def test_project_and_export_with_either_token(client: StudioClient, fake: FakeSt
 
 def test_export_calls_are_counted(fake: FakeStudio) -> None:
     before = fake.export_calls
-    with StudioClient(settings(fake.url, fake.legacy_token)) as client:
+    with StudioClient.from_settings(settings(fake.url, fake.legacy_token)) as client:
         client.export(1)
     assert fake.export_calls == before + 1
 
@@ -114,17 +113,17 @@ def test_tasks_paging_plain_lists_until_404() -> None:
         return httpx.Response(404, json={"detail": "Invalid page."})
 
     http = httpx.Client(transport=httpx.MockTransport(handler))
-    with StudioClient(settings("http://ls.test", "k" * 40), client=http) as client:
+    with StudioClient.from_settings(settings("http://ls.test", "k" * 40), client=http) as client:
         assert [t["id"] for t in client.iter_tasks(7, page_size=2)] == [1, 2, 3]
     assert not http.is_closed  # an injected client is the caller's to close
     pages["2"] = []  # an empty page ends it too
-    with StudioClient(settings("http://ls.test", "k" * 40), client=http) as client:
+    with StudioClient.from_settings(settings("http://ls.test", "k" * 40), client=http) as client:
         assert [t["id"] for t in client.iter_tasks(7, page_size=2)] == [1, 2]
 
 
 def test_empty_project_has_no_tasks(fake: FakeStudio) -> None:
     pid = fake.add_project(CONFIG, title="empty")
-    with StudioClient(settings(fake.url, fake.legacy_token)) as client:
+    with StudioClient.from_settings(settings(fake.url, fake.legacy_token)) as client:
         assert list(client.iter_tasks(pid)) == []
         assert client.export(pid) == []
 
@@ -139,7 +138,7 @@ def test_create_prediction(client: StudioClient, fake: FakeStudio) -> None:
 
 
 def test_prediction_for_unknown_task_shows_the_answer(fake: FakeStudio) -> None:
-    client = StudioClient(settings(fake.url, fake.legacy_token))
+    client = StudioClient.from_settings(settings(fake.url, fake.legacy_token))
     with client, pytest.raises(StudioResponseError) as info:
         client.create_prediction(999, [BOX], 0.5, "v1")
     assert info.value.upstream_status == 400
@@ -162,7 +161,7 @@ def test_whoami(client: StudioClient) -> None:
 )
 def test_missing_settings(url: str | None, key: str | None, setting: str) -> None:
     with pytest.raises(StudioError) as info:
-        StudioClient(settings(url, key))
+        StudioClient.from_settings(settings(url, key))
     assert setting in info.value.message
     assert isinstance(info.value, BackendError)
     assert (info.value.status, info.value.code) == (503, "label_studio_unavailable")
@@ -171,7 +170,10 @@ def test_missing_settings(url: str | None, key: str | None, setting: str) -> Non
 @pytest.mark.parametrize("kind", ["legacy", "pat"])
 def test_wrong_token(fake: FakeStudio, kind: str) -> None:
     wrong = "f" * 40 if kind == "legacy" else fake.pat[:-4] + "AAAA"
-    with StudioClient(settings(fake.url, wrong)) as client, pytest.raises(StudioAuthError) as info:
+    with (
+        StudioClient.from_settings(settings(fake.url, wrong)) as client,
+        pytest.raises(StudioAuthError) as info,
+    ):
         client.project(1)
     message = info.value.message
     assert "LABEL_STUDIO_API_KEY" in message
@@ -181,7 +183,7 @@ def test_wrong_token(fake: FakeStudio, kind: str) -> None:
 
 
 def test_unknown_project(fake: FakeStudio) -> None:
-    with StudioClient(settings(fake.url, fake.legacy_token)) as client:
+    with StudioClient.from_settings(settings(fake.url, fake.legacy_token)) as client:
         for call in (client.project, client.export, lambda p: list(client.iter_tasks(p))):
             with pytest.raises(StudioNotFound) as info:
                 call(4242)
@@ -194,7 +196,7 @@ def test_unreachable_url() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     key = "0123456789abcdef0123456789abcdef01234567"
-    client = StudioClient(settings(f"http://user:secret@127.0.0.1:{port}", key))
+    client = StudioClient.from_settings(settings(f"http://user:secret@127.0.0.1:{port}", key))
     with client, pytest.raises(StudioError) as info:
         client.whoami()
     assert "secret" not in repr(client)
@@ -221,7 +223,7 @@ def test_timeouts_and_odd_answers() -> None:
         return answers[request.url.path]
 
     http = httpx.Client(transport=httpx.MockTransport(handler))
-    with StudioClient(settings("http://ls.test/", "k" * 40), client=http) as client:
+    with StudioClient.from_settings(settings("http://ls.test/", "k" * 40), client=http) as client:
         with pytest.raises(StudioResponseError, match="not JSON"):
             client.project(1)
         with pytest.raises(StudioResponseError) as info:
@@ -251,7 +253,7 @@ def test_project_ids_in_every_form_label_studio_sends(given: int | str, expected
 
 @pytest.mark.parametrize("kind", ["legacy", "pat"])
 def test_connect_plugin_authenticates_with_either_token(fake: FakeStudio, kind: str) -> None:
-    studio = Studio(fake.url, fake.legacy_token if kind == "legacy" else fake.pat)
+    studio = StudioClient(fake.url, fake.legacy_token if kind == "legacy" else fake.pat)
     before = len(fake.requests)
     assert studio.call("GET", "/api/current-user/whoami")["id"] == 1
     assert studio.call("GET", "/api/projects/1")["title"] == "cars"
@@ -270,17 +272,16 @@ def test_connect_plugin_authenticates_with_either_token(fake: FakeStudio, kind: 
 
 def test_connect_plugin_says_which_token_was_refused(fake: FakeStudio) -> None:
     revoked = make_jwt({"token_type": "refresh", "jti": "revoked", "user_id": 1})
-    with pytest.raises(ConnectError) as info:
-        Studio(fake.url, revoked).call("GET", "/api/current-user/whoami")
-    assert str(info.value) == (
-        "Label Studio refused the personal access token (401); check LABEL_STUDIO_API_KEY"
-    )
+    with pytest.raises(StudioAuthError, match="check LABEL_STUDIO_API_KEY") as info:
+        StudioClient(fake.url, revoked).call("GET", "/api/current-user/whoami")
+    assert "personal access token" in str(info.value)
     with pytest.raises(
-        ConnectError, match=r"refused the token on /api/current-user/whoami \(401\)"
+        StudioAuthError,
+        match=r"refused the API token \(HTTP 401 for GET /api/current-user/whoami\)",
     ):
-        Studio(fake.url, "0" * 40).call("GET", "/api/current-user/whoami")
-    with pytest.raises(ConnectError, match="LABEL_STUDIO_URL"):
-        Studio("localhost:8080", fake.legacy_token)
+        StudioClient(fake.url, "0" * 40).call("GET", "/api/current-user/whoami")
+    with pytest.raises(StudioError, match="LABEL_STUDIO_URL"):
+        StudioClient("localhost:8080", fake.legacy_token)
 
 
 def test_fake_serves_uploads_only_with_a_token(fake: FakeStudio) -> None:
@@ -293,7 +294,7 @@ def test_fake_serves_uploads_only_with_a_token(fake: FakeStudio) -> None:
 
 
 def test_expired_access_token_is_refreshed(fake: FakeStudio) -> None:
-    with StudioClient(settings(fake.url, fake.pat)) as client:
+    with StudioClient.from_settings(settings(fake.url, fake.pat)) as client:
         client.whoami()
         fake.expire_access_tokens()  # revoked or expired early: one 401, one refresh, one retry
         before = len(fake.requests)

@@ -25,8 +25,8 @@ from http_origins import (
 )
 
 from label_studio_sahi.errors import ImageUnreachable
-from label_studio_sahi.images import ImageLoader
-from label_studio_sahi.studio_auth import (
+from label_studio_sahi.images.fetch import ImageLoader
+from label_studio_sahi.labelstudio.tokens import (
     LabelStudioAuth,
     is_personal_access_token,
     jwt_claims,

@@ -14,9 +14,9 @@ from stack import stack_settings
 from tiny_models import random_detr
 
 from label_studio_sahi.names import LIVE_KEY
-from label_studio_sahi.registry import Registry
 from label_studio_sahi.training.finetune import training_steps
 from label_studio_sahi.training.job import JobContext, run_training
+from label_studio_sahi.versions.registry import Registry
 
 
 def _settings(fake: FakeStudio, detector: Path, model_dir: Path, **overrides: Any) -> Any:

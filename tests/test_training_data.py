@@ -12,8 +12,8 @@ from PIL import Image
 from sahi.slicing import process_coco_annotations
 from sahi.utils.coco import CocoAnnotation
 
-from label_studio_sahi.labeling import parse_label_config
-from label_studio_sahi.slicing import Detections
+from label_studio_sahi.inference.slicing import Detections
+from label_studio_sahi.labelstudio.label_config import parse_label_config
 from label_studio_sahi.training.dataset import (
     LabelledTask,
     crop,

@@ -10,8 +10,8 @@ from rq.job import Job, JobStatus
 from servers import make_settings
 
 from label_studio_sahi.errors import Busy
+from label_studio_sahi.jobs.trigger import TrainingTrigger
 from label_studio_sahi.names import ENQUEUE_LOCK_KEY, TRAIN_JOB, train_job_id
-from label_studio_sahi.trigger import TrainingTrigger
 
 
 def _event(action: str, project: int = 1, **extra: Any) -> dict[str, Any]:

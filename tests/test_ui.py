@@ -25,12 +25,12 @@ from stack import job_done, start_worker
 from ui_backend import Backend, changed, serving_page
 
 from label_studio_sahi import names
-from label_studio_sahi.bulk_predict import enqueue_bulk
-from label_studio_sahi.predict import ModelBundle
-from label_studio_sahi.redis_server import connect
-from label_studio_sahi.server import create_app
-from label_studio_sahi.service import Service
-from label_studio_sahi.trigger import TrainingTrigger
+from label_studio_sahi.jobs.bulk import enqueue_bulk
+from label_studio_sahi.jobs.redis_server import connect
+from label_studio_sahi.jobs.trigger import TrainingTrigger
+from label_studio_sahi.serving.pipeline import ModelBundle
+from label_studio_sahi.serving.routes import create_app
+from label_studio_sahi.serving.state import Service
 
 pytestmark = pytest.mark.skipif(chromium() is None, reason="no chromium (apt-get install chromium)")
 

@@ -15,7 +15,7 @@ import pytest
 from stack import wait_for_health
 from test_redis_server import _servers_of
 
-from label_studio_sahi.redis_server import _answers
+from label_studio_sahi.jobs.redis_server import _answers
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from label_studio_sahi.detector import Detector, fit_batch
-from label_studio_sahi.predict import SliceConfig, Timings, sliced_detect
+from label_studio_sahi.inference.detector import Detector, fit_batch
+from label_studio_sahi.serving.pipeline import SliceConfig, Timings, sliced_detect
 
 
 def _batches(

@@ -19,8 +19,8 @@ from rq.job import Job, JobStatus
 from stack import stack_settings, start_worker, wait_for
 from tiny_models import random_detr
 
-from label_studio_sahi.registry import Registry
-from label_studio_sahi.trigger import TrainingTrigger
+from label_studio_sahi.jobs.trigger import TrainingTrigger
+from label_studio_sahi.versions.registry import Registry
 
 pytestmark = pytest.mark.slow
 

@@ -18,13 +18,13 @@ from servers import LiveServer, start_uvicorn, stop_uvicorn
 from stack import stack_settings
 
 from label_studio_sahi import names
-from label_studio_sahi.predict import ModelBundle
-from label_studio_sahi.redis_server import connect
-from label_studio_sahi.registry import Registry
-from label_studio_sahi.server import create_app
-from label_studio_sahi.service import Service
+from label_studio_sahi.jobs.redis_server import connect
+from label_studio_sahi.serving.pipeline import ModelBundle
+from label_studio_sahi.serving.routes import create_app
+from label_studio_sahi.serving.state import Service
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.training.job import _plot_curves
+from label_studio_sahi.versions.registry import Registry
 
 
 @dataclass

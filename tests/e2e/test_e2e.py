@@ -34,7 +34,7 @@ from tiny_models import SCENE_COLOURS
 from bench.quality_data import export_result, target_scene
 from e2e.screenshot import chromium, screenshot_task
 from e2e.studio_server import StudioServer
-from label_studio_sahi.plugin.connect import template
+from label_studio_sahi_plugin.connect import template
 
 pytestmark = [
     pytest.mark.e2e,
@@ -138,7 +138,7 @@ def _connect(studio: StudioServer, backend: Backend, api_key: str, *args: str) -
     env = {**os.environ, "LABEL_STUDIO_URL": studio.url, "LABEL_STUDIO_API_KEY": api_key,
            "MODEL_DIR": str(backend.model_dir)}  # where connect finds the backend's login  # fmt: skip
     run = subprocess.run(
-        [sys.executable, "-m", "label_studio_sahi.plugin.connect", "--backend", backend.url, "--json", *args],
+        [sys.executable, "-m", "label_studio_sahi_plugin.connect", "--backend", backend.url, "--json", *args],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
