@@ -56,7 +56,6 @@ from scipy.cluster.vq import kmeans2
 from scipy.stats import spearmanr
 
 from bench import quality
-from bench import quality_data as data
 from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.inference.scores import one_to_one_matches
 from label_studio_sahi.inference.slicing import Detections
@@ -64,6 +63,7 @@ from label_studio_sahi.labelstudio.label_config import parse_label_config
 from label_studio_sahi.serving.pipeline import ModelBundle, Predictor, ScoreInputs, SliceConfig
 from label_studio_sahi.settings import Settings, TaskScore
 from label_studio_sahi.training.evaluate import truth_detections
+from testkit import scenes as data
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ three ways:
    model and image processor.
 
 Run from the repository root: ``bench`` is a package, and it borrows the tests' helpers as
-``tests.*`` (uvicorn in a thread from ``tests/servers.py``, the scenes from
-``tests/tiny_models.py``, sahi's call from ``tests/sahi_reference.py``)::
+``tests.*`` (uvicorn in a thread from ``testkit/servers.py``, the scenes from
+``testkit/tiny_models.py``, sahi's call from ``testkit/sahi_reference.py``)::
 
     python -m bench.bench_predict                      # 4000x3000, 512 px windows, CPU
     python -m bench.bench_predict --width 2000 --height 1500 --repeats 2
@@ -44,8 +44,8 @@ from label_studio_sahi.serving.pipeline import ModelBundle, SliceConfig
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
 from label_studio_sahi.settings import Settings
-from tests.servers import start_uvicorn, stop_uvicorn
-from tests.tiny_models import draw_scene
+from testkit.servers import start_uvicorn, stop_uvicorn
+from testkit.tiny_models import draw_scene
 
 CONFIG = (
     '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
@@ -113,7 +113,7 @@ def time_forward(detector: Detector, pixels: np.ndarray, cfg: SliceConfig) -> fl
 
 
 def time_sahi(detector: Detector, pixels: np.ndarray, cfg: SliceConfig, threshold: float) -> float:
-    from tests.sahi_reference import (  # sahi only here (--skip-sahi)
+    from testkit.sahi_reference import (  # sahi only here (--skip-sahi)
         sahi_model,
         sahi_sliced_prediction,
     )

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import quality_data as data
 from label_studio_sahi.inference import checkpoints
 from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.labelstudio.label_config import parse_label_config
@@ -30,9 +29,10 @@ from label_studio_sahi.serving.pipeline import SliceConfig
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.training import finetune, job
 from label_studio_sahi.training.dataset import LabelledTask, split_holdout
+from testkit import scenes as data
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = ROOT / "tests" / "fixtures" / "models" / "source-base"
+BASE = ROOT / "testkit" / "fixtures" / "models" / "source-base"
 CONFIG = (
     ROOT / "plugin" / "label_studio_sahi_plugin" / "templates" / "boxes_and_scenes.xml"
 ).read_text()

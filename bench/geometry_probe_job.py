@@ -18,8 +18,8 @@ import torch
 
 from bench import geometry_probe as gp
 from bench import quality as q
-from bench import quality_data as data
 from label_studio_sahi.training import finetune
+from testkit import scenes as data
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,8 @@
     python -m bench.quality                       # 3 seeds, rounds 10 25 50 100 (CPU, ~20 min)
     python -m bench.quality --seeds 0 --rounds 4 8 --test-images 3 --tiny   # the CI path
 
-Per seed, a Label Studio stand-in (``tests/fake_studio.py``, real HTTP) holds a project of
-large synthetic images (``bench/quality_data.py``). Round by round more of its tasks are
+Per seed, a Label Studio stand-in (``testkit/fake_studio.py``, real HTTP) holds a project of
+large synthetic images (``testkit/scenes.py``). Round by round more of its tasks are
 labelled and the real job runs on it (export, sliced windows, fine-tune, held-out gate,
 publish, live pointer in a real Redis), starting from a base trained on another domain.
 After each round the *live* model (the promoted one, or its parent when the candidate was
@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import quality_data as data
 from label_studio_sahi import names
 from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.inference.scores import one_to_one_matches
@@ -55,10 +54,11 @@ from label_studio_sahi.training.evaluate import (
 from label_studio_sahi.training.job import EVAL_SCORE_THRESHOLD, JobContext, run_training
 from label_studio_sahi.versions.bundles import live_version, project_bundle, version_bundle
 from label_studio_sahi.versions.registry import Registry
-from tests.fake_studio import FakeStudio
+from testkit import scenes as data
+from testkit.fake_studio import FakeStudio
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMITTED_BASE = ROOT / "tests" / "fixtures" / "models" / "source-base"
+COMMITTED_BASE = ROOT / "testkit" / "fixtures" / "models" / "source-base"
 TAG = parse_label_config(data.LABEL_CONFIG).rectangles[0]
 
 

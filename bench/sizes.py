@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "models" / "tiny-cond-detr"
+FIXTURE = Path(__file__).resolve().parents[1] / "testkit" / "fixtures" / "models" / "tiny-cond-detr"
 CONFIG = (
     '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
     '<Label value="car"/><Label value="person"/></RectangleLabels></View>'
@@ -36,7 +36,7 @@ CONFIG = (
 
 def make_image(path: Path, megapixels: float) -> tuple[int, int]:
     """A 4:3 JPEG of about ``megapixels``, tiled from one 1000 px scene (cheap to draw)."""
-    from tests.tiny_models import draw_scene
+    from testkit.tiny_models import draw_scene
 
     width = round((megapixels * 1e6 * 4 / 3) ** 0.5)
     height = round(width * 3 / 4)
@@ -56,7 +56,7 @@ def serve_one(model: str, device: str, image_dir: Path, name: str) -> dict[str, 
     from label_studio_sahi.serving.state import Service
     from label_studio_sahi.settings import Settings
     from label_studio_sahi.versions.bundles import load_base_bundle
-    from tests.servers import start_uvicorn, stop_uvicorn
+    from testkit.servers import start_uvicorn, stop_uvicorn
 
     folder = str(FIXTURE) if model == "tiny" else str(build_detr_r50(image_dir.parent / "r50"))
     httpd, ls_url = serve_folder(image_dir)

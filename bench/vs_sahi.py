@@ -45,8 +45,8 @@ from label_studio_sahi.serving.pipeline import ModelBundle, SliceConfig, sliced_
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
 from label_studio_sahi.settings import Settings
-from tests.servers import LiveServer, start_uvicorn, stop_uvicorn
-from tests.tiny_models import draw_scene
+from testkit.servers import LiveServer, start_uvicorn, stop_uvicorn
+from testkit.tiny_models import draw_scene
 
 # /predict contenders: (engine, native windows)
 BACKENDS = {
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             servers[name] = live = start_uvicorn(create_app(settings, service))
             contenders[name] = lambda url=live.url: time_predict(url, ls_url)
             contenders[name]()  # warm-up: first-call allocations, lazy imports
-        from tests.sahi_reference import sahi_model, sahi_sliced_prediction
+        from testkit.sahi_reference import sahi_model, sahi_sliced_prediction
 
         # The floor: the model's forward alone on the windows /predict runs, batched as it
         # batches them, inputs made beforehand (on the device).

@@ -27,7 +27,7 @@ from bench.bench_predict import build_detr_r50
 from bench.memory import PeakRSS
 from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.serving.pipeline import SliceConfig, Timings, sliced_detect
-from tests.tiny_models import draw_scene
+from testkit.tiny_models import draw_scene
 
 
 def timed_pass(detector: Detector, pixels: np.ndarray, slicing: SliceConfig) -> tuple[float, float]:

@@ -1,82 +1,45 @@
-"""Shared fixtures: small trained models (cached per source version), live HTTP servers."""
+"""Shared fixtures: small trained models (cached per source version), live HTTP servers.
+
+``no_env_leaks`` and ``source_base_dir`` come from ``testkit.pytest_plugin``, which the
+benchmarks' tests share."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tiny_models
-from fake_studio import FakeStudio
 from http_origins import Servers, running_origins
-from servers import LEGACY_TOKEN
 
 from label_studio_sahi.inference.classifier import Classifier
 from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.serving.pipeline import ModelBundle
-from label_studio_sahi.settings import Settings
+from testkit import tiny_models
+from testkit.fake_studio import FakeStudio
+from testkit.pytest_plugin import cached_model, no_env_leaks, source_base_dir
 
-
-@pytest.fixture(autouse=True)
-def _no_env_leaks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Settings come from each test, never from the developer's shell or a hub."""
-    for name in list(os.environ):
-        if name.upper() in Settings.model_fields or name.lower() in Settings.model_fields:
-            monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-FIXTURES = Path(__file__).parent / "fixtures" / "models"
-
-
-def _cached_model(cache: pytest.Cache, name: str, build: Callable[[Path], Path]) -> Path:
-    """The committed checkpoint ``tests/fixtures/models/<name>`` (seeded, built by
-    ``python -m tests.tiny_models``), so every machine tests the same model whatever its
-    speed; without it, build once per version of tiny_models.py into pytest's cache."""
-    if (FIXTURES / name / "config.json").is_file():
-        return FIXTURES / name
-    source = Path(tiny_models.__file__).read_bytes()
-    key = f"{name}-{hashlib.sha256(source).hexdigest()[:12]}"
-    folder = cache.mkdir(key)
-    if not (folder / "config.json").exists():
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build(tmp)
-        shutil.rmtree(folder)
-        tmp.rename(folder)
-    return folder
+__all__ = ["no_env_leaks", "source_base_dir"]  # fixtures: pytest finds them here
+from testkit.servers import LEGACY_TOKEN
 
 
 @pytest.fixture(scope="session")
 def detector_dir(request: pytest.FixtureRequest) -> Path:
     """A tiny Conditional DETR that finds the squares (~80 % recall at IoU 0.5, score 0.3)."""
-    return _cached_model(request.config.cache, "tiny-cond-detr", tiny_models.train_tiny_detector)
+    return cached_model(request.config.cache, "tiny-cond-detr", tiny_models.train_tiny_detector)
 
 
 @pytest.fixture(scope="session")
 def detr_dir(request: pytest.FixtureRequest) -> Path:
     """A tiny plain DETR (softmax with a no-object class), trained briefly: boxes, not good ones."""
-    return _cached_model(request.config.cache, "tiny-detr", tiny_models.train_tiny_detr)
+    return cached_model(request.config.cache, "tiny-detr", tiny_models.train_tiny_detr)
 
 
 @pytest.fixture(scope="session")
 def classifier_dir(request: pytest.FixtureRequest) -> Path:
-    return _cached_model(request.config.cache, "tiny-vit", tiny_models.train_tiny_vit)
-
-
-@pytest.fixture(scope="session")
-def source_base_dir(request: pytest.FixtureRequest) -> Path:
-    """The learning benchmark's base: a tiny Conditional DETR trained on the source domain
-    (bench/quality_data.py) that already detects something in the target project."""
-    from bench.quality_data import train_source_base
-
-    return _cached_model(request.config.cache, "source-base", train_source_base)
+    return cached_model(request.config.cache, "tiny-vit", tiny_models.train_tiny_vit)
 
 
 @pytest.fixture

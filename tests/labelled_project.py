@@ -7,14 +7,13 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from fake_studio import FakeStudio
-from tiny_models import SCENE_COLOURS, draw_scene
-
 from label_studio_sahi.labelstudio.label_config import (
     choices_result,
     parse_label_config,
     rectangle_result,
 )
+from testkit.fake_studio import FakeStudio
+from testkit.tiny_models import SCENE_COLOURS, draw_scene
 
 CONFIG = """
 <View>

@@ -16,14 +16,14 @@ from typing import Any
 
 import httpx
 import psutil
-from fake_studio import FakeStudio
-from servers import LiveServer, make_settings, start_uvicorn, stop_uvicorn
 
 from label_studio_sahi.jobs.redis_server import connect
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.versions.bundles import load_base_bundle
+from testkit.fake_studio import FakeStudio
+from testkit.servers import LiveServer, make_settings, start_uvicorn, stop_uvicorn
 
 ROOT = Path(__file__).resolve().parents[1]
 

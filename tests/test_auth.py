@@ -11,10 +11,10 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import ValidationError
-from servers import make_settings, serving
 
 from label_studio_sahi.serving.auth import credentials
 from label_studio_sahi.serving.pipeline import ModelBundle
+from testkit.servers import make_settings, serving
 
 
 def test_on_a_network_address_a_login_is_generated_once_and_required(

@@ -8,17 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_studio import FakeStudio
 from labelled_project import labelled_project
-from servers import make_settings
 from stack import stack_settings
-from tiny_models import detr_processor
 
 from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.inference.slicing import model_window
 from label_studio_sahi.serving.pipeline import Predictor, SliceConfig
 from label_studio_sahi.training.job import JobContext, run_training
 from label_studio_sahi.versions.registry import Registry
+from testkit.fake_studio import FakeStudio
+from testkit.servers import make_settings
+from testkit.tiny_models import detr_processor
 
 
 def test_the_auto_window_is_the_input_size_never_more_than_512() -> None:

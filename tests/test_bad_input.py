@@ -20,11 +20,11 @@ from http_origins import png
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from labelled_project import CONFIG
-from servers import LEGACY_TOKEN, LiveServer, make_settings, start_uvicorn, stop_uvicorn
 
 from label_studio_sahi.serving.pipeline import ModelBundle
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
+from testkit.servers import LEGACY_TOKEN, LiveServer, make_settings, start_uvicorn, stop_uvicorn
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,10 +18,10 @@ import httpx
 import psutil
 import pytest
 from stack import wait_for_health
-from tiny_models import draw_scene
 
 from label_studio_sahi.cli import print_records
 from label_studio_sahi.versions.registry import Registry
+from testkit.tiny_models import draw_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,6 @@ from typing import Any
 import httpx
 import pytest
 from e2e.screenshot import CHROMIUM_ARGS, chromium
-from fake_studio import FakeStudio
 from labelled_project import CONFIG
 from rq import Queue
 from ui_backend import Backend, serving_page
@@ -33,6 +32,7 @@ from label_studio_sahi import names
 from label_studio_sahi.jobs.queueing import job_state
 from label_studio_sahi.jobs.redis_server import connect
 from label_studio_sahi.serving.pipeline import ModelBundle
+from testkit.fake_studio import FakeStudio
 
 FORM_ROUTES = ("live", "train", "bulk-predict")
 ACTING_ROUTES = (

@@ -18,10 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fake_studio import FakeStudio
 from labelled_project import labelled_project
 from stack import stack_settings
-from tiny_models import draw_scene, random_detr
 
 from label_studio_sahi.inference.checkpoints import checkpoint_revision
 from label_studio_sahi.inference.detector import Detector
@@ -31,6 +29,8 @@ from label_studio_sahi.settings import Settings
 from label_studio_sahi.training.job import JobContext, run_training
 from label_studio_sahi.versions.bundles import load_base_bundle
 from label_studio_sahi.versions.registry import Registry
+from testkit.fake_studio import FakeStudio
+from testkit.tiny_models import draw_scene, random_detr
 
 SLICING = SliceConfig(slice_height=96, slice_width=96, window_batch_size=2)
 

@@ -15,15 +15,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fake_studio import FakeStudio
 from labelled_project import labelled_project
 from stack import stack_settings
-from tiny_models import FAMILIES, draw_scene, new_detector, random_detr
 
 from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.training.finetune import DETECTOR_HEADS, relabel_head
 from label_studio_sahi.training.job import JobContext, run_training
 from label_studio_sahi.versions.registry import Registry
+from testkit.fake_studio import FakeStudio
+from testkit.tiny_models import FAMILIES, draw_scene, new_detector, random_detr
 
 STEPS = 60
 

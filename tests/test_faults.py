@@ -7,14 +7,11 @@ from typing import Any
 
 import httpx
 import pytest
-from fake_studio import FakeStudio
 from http_origins import png
 from labelled_project import CONFIG, labelled_project
 from rq import Queue
-from servers import LEGACY_TOKEN, make_settings, start_uvicorn, stop_uvicorn
 from stack import stack_settings
 from test_hot_swap import _version_writer
-from tiny_models import random_detr
 
 from label_studio_sahi.jobs.redis_server import EmbeddedRedis, connect
 from label_studio_sahi.labelstudio.client import StudioError
@@ -24,6 +21,9 @@ from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
 from label_studio_sahi.training.job import JobContext, run_training
 from label_studio_sahi.versions.registry import Registry
+from testkit.fake_studio import FakeStudio
+from testkit.servers import LEGACY_TOKEN, make_settings, start_uvicorn, stop_uvicorn
+from testkit.tiny_models import random_detr
 
 
 def test_redis_down_and_back_keeps_serving_and_loses_no_job_or_live_pointer(

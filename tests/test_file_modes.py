@@ -16,10 +16,10 @@ import pytest
 from stack import wait_for_health
 from test_clean_stop import ROOT, _start, _stopped
 from test_up_twice import free_port
-from tiny_models import draw_scene
 
 from label_studio_sahi.jobs.redis_server import EmbeddedRedis
 from label_studio_sahi.private_files import private_dir
+from testkit.tiny_models import draw_scene
 
 
 def _mode(path: Path) -> int:

@@ -12,11 +12,11 @@ from typing import Any
 
 import httpx
 import pytest
-from servers import LiveServer, make_settings, serving
 
 from label_studio_sahi.serving.browser_guard import HostPolicy
 from label_studio_sahi.serving.pipeline import ModelBundle
 from label_studio_sahi.settings import Settings
+from testkit.servers import LiveServer, make_settings, serving
 
 REBOUND = "rebind.attacker.test"
 

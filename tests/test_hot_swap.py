@@ -19,14 +19,14 @@ import httpx
 import pytest
 from labelled_project import CONFIG
 from safetensors.torch import load_file, save_file
-from servers import LiveServer, make_settings, start_uvicorn, stop_uvicorn
-from tiny_models import draw_scene
 
 from label_studio_sahi.jobs.redis_server import connect
 from label_studio_sahi.serving.pipeline import ModelBundle
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
 from label_studio_sahi.versions.registry import Registry
+from testkit.servers import LiveServer, make_settings, start_uvicorn, stop_uvicorn
+from testkit.tiny_models import draw_scene
 
 pytestmark = pytest.mark.slow
 

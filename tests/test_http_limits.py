@@ -16,11 +16,11 @@ import httpx
 import pytest
 from labelled_project import CONFIG
 from PIL import Image
-from servers import LiveServer, make_settings, start_uvicorn, stop_uvicorn
 
 from label_studio_sahi.serving.pipeline import ModelBundle
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
+from testkit.servers import LiveServer, make_settings, start_uvicorn, stop_uvicorn
 
 HEADER_TIMEOUT = 0.5
 BODY_DEADLINE = 1.0

@@ -13,17 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_studio import FakeStudio
 from labelled_project import CONFIG, labelled_project
 from rq import Queue
 from rq.job import Job, JobStatus
 from rq.registry import FinishedJobRegistry, StartedJobRegistry
 from stack import Stack, job_done, stack_settings, start_stack, wait_for
-from tiny_models import random_detr
 
 from label_studio_sahi.names import train_job_id
 from label_studio_sahi.training.finetune import training_steps
 from label_studio_sahi.versions.registry import Registry
+from testkit.fake_studio import FakeStudio
+from testkit.tiny_models import random_detr
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image
-from servers import make_settings
 from torch import nn
 
 from label_studio_sahi.inference.slicing import Detections
@@ -30,6 +29,7 @@ from label_studio_sahi.training.finetune import (
     training_steps,
 )
 from label_studio_sahi.training.job import Candidates, decide
+from testkit.servers import make_settings
 
 
 def test_a_drawn_window_holds_the_object_it_was_drawn_around_in_window_pixels() -> None:

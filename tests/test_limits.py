@@ -17,7 +17,6 @@ import httpx
 import pytest
 from labelled_project import CONFIG
 from PIL import Image
-from servers import make_settings, start_uvicorn, stop_uvicorn
 from test_hot_swap import _version_writer
 
 from label_studio_sahi.jobs.redis_server import connect
@@ -27,6 +26,7 @@ from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
 from label_studio_sahi.settings import Settings, SettingsError, read_settings
 from label_studio_sahi.versions.registry import Registry
+from testkit.servers import make_settings, start_uvicorn, stop_uvicorn
 
 BODY = {"tasks": [{"id": 1, "data": {"image": "http://x/a.png"}}], "label_config": CONFIG}
 

@@ -20,13 +20,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from fake_studio import FakeStudio
 from labelled_project import CONFIG, labelled_project
 from malformed_images import REFUSED, corpus, digest, short_idat_png
 from PIL import Image
-from servers import make_settings, start_uvicorn, stop_uvicorn
 from stack import Stack, job_done, stack_settings, start_stack, start_worker, wait_for
-from tiny_models import random_detr
 
 from label_studio_sahi.errors import ImageTooLarge
 from label_studio_sahi.images import fetch as images_module
@@ -35,6 +32,9 @@ from label_studio_sahi.jobs.trigger import TrainingTrigger
 from label_studio_sahi.serving.pipeline import ModelBundle, RequestImages
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
+from testkit.fake_studio import FakeStudio
+from testkit.servers import make_settings, start_uvicorn, stop_uvicorn
+from testkit.tiny_models import random_detr
 
 TESTS = Path(__file__).resolve().parent
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import SCENE_COLOURS, draw_scene, random_detr
 from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
 from label_studio_sahi.errors import ModelLoadError
 from label_studio_sahi.inference.classifier import Classifier
 from label_studio_sahi.inference.detector import Detector
+from testkit.tiny_models import SCENE_COLOURS, draw_scene, random_detr
 
 
 def test_detector_loads_from_a_folder_and_names_its_version(detector_dir: Path) -> None:

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sahi_reference import sahi_detections
 from test_slicing import assert_same_detections
-from tiny_models import draw_scene
 
 from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.serving.pipeline import SliceConfig, sliced_detect
+from testkit.sahi_reference import sahi_detections
+from testkit.tiny_models import draw_scene
 
 
 @pytest.fixture(scope="module")

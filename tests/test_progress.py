@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_studio import FakeStudio
 from labelled_project import labelled_project
 from stack import ROOT, settings_env, stack_settings, start_worker
-from tiny_models import draw_scene, random_detr
+
+from testkit.fake_studio import FakeStudio
+from testkit.tiny_models import draw_scene, random_detr
 
 
 def run_cli(args: list[str], env: dict[str, str], stderr_on_terminal: bool) -> tuple[int, str, str]:

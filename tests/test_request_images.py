@@ -7,10 +7,10 @@ import threading
 
 from labelled_project import CONFIG
 from PIL import Image
-from servers import make_settings
 
 from label_studio_sahi.labelstudio.label_config import parse_label_config
 from label_studio_sahi.serving.pipeline import ModelBundle, Predictor
+from testkit.servers import make_settings
 
 
 def test_a_repeated_url_is_fetched_once_and_the_pixels_of_a_request_are_budgeted(

@@ -10,8 +10,6 @@ from typing import Any, get_args
 import numpy as np
 import pytest
 import torch
-from servers import make_settings
-from tiny_models import draw_scene
 
 from label_studio_sahi.errors import LabelConfigError
 from label_studio_sahi.inference.detector import Detector
@@ -20,6 +18,8 @@ from label_studio_sahi.inference.slicing import Detections
 from label_studio_sahi.labelstudio.label_config import parse_label_config
 from label_studio_sahi.serving.pipeline import ModelBundle, Predictor, merge_passes, sliced_passes
 from label_studio_sahi.settings import TaskScore
+from testkit.servers import make_settings
+from testkit.tiny_models import draw_scene
 
 BOXES = (
     '<View{attr}><Image name="image" value="$image"/>'

@@ -12,12 +12,12 @@ import httpx
 import pytest
 from labelled_project import CONFIG_WITH_SCENES
 from PIL import Image
-from servers import LEGACY_TOKEN, LiveServer, make_settings, start_uvicorn, stop_uvicorn
-from tiny_models import draw_scene
 
 from label_studio_sahi.serving.pipeline import ModelBundle
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
+from testkit.servers import LEGACY_TOKEN, LiveServer, make_settings, start_uvicorn, stop_uvicorn
+from testkit.tiny_models import draw_scene
 
 CONFIG = CONFIG_WITH_SCENES  # boxes (car -> Vehicle) and a scene Choices tag
 

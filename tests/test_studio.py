@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from fake_studio import FakeStudio, make_jwt
 
 from label_studio_sahi.errors import BackendError, BadRequest
 from label_studio_sahi.labelstudio.client import (
@@ -21,6 +20,7 @@ from label_studio_sahi.labelstudio.client import (
     project_id,
 )
 from label_studio_sahi.settings import Settings
+from testkit.fake_studio import FakeStudio, make_jwt
 
 CONFIG = '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image"><Label value="car"/></RectangleLabels></View>'
 BOX = {

@@ -7,16 +7,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_studio import FakeStudio
 from labelled_project import labelled_project
 from safetensors.torch import load_file
 from stack import stack_settings
-from tiny_models import random_detr
 
 from label_studio_sahi.names import LIVE_KEY
 from label_studio_sahi.training.finetune import training_steps
 from label_studio_sahi.training.job import JobContext, run_training
 from label_studio_sahi.versions.registry import Registry
+from testkit.fake_studio import FakeStudio
+from testkit.tiny_models import random_detr
 
 
 def _settings(fake: FakeStudio, detector: Path, model_dir: Path, **overrides: Any) -> Any:

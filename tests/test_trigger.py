@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 from rq import Queue
 from rq.job import Job, JobStatus
-from servers import make_settings
 
 from label_studio_sahi.errors import Busy
 from label_studio_sahi.jobs.trigger import TrainingTrigger
 from label_studio_sahi.names import ENQUEUE_LOCK_KEY, TRAIN_JOB, train_job_id
+from testkit.servers import make_settings
 
 
 def _event(action: str, project: int = 1, **extra: Any) -> dict[str, Any]:

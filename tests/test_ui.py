@@ -18,9 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from e2e.screenshot import CHROMIUM_ARGS, chromium
-from fake_studio import FakeStudio
 from labelled_project import CONFIG
-from servers import start_uvicorn, stop_uvicorn
 from stack import job_done, start_worker
 from ui_backend import Backend, changed, serving_page
 
@@ -31,6 +29,8 @@ from label_studio_sahi.jobs.trigger import TrainingTrigger
 from label_studio_sahi.serving.pipeline import ModelBundle
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
+from testkit.fake_studio import FakeStudio
+from testkit.servers import start_uvicorn, stop_uvicorn
 
 pytestmark = pytest.mark.skipif(chromium() is None, reason="no chromium (apt-get install chromium)")
 

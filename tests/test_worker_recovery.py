@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_studio import FakeStudio
 from labelled_project import labelled_project
 from rq.job import Job, JobStatus
 from stack import stack_settings, start_worker, wait_for
-from tiny_models import random_detr
 
 from label_studio_sahi.jobs.trigger import TrainingTrigger
 from label_studio_sahi.versions.registry import Registry
+from testkit.fake_studio import FakeStudio
+from testkit.tiny_models import random_detr
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from fake_studio import FakeStudio
 from labelled_project import labelled_project
-from servers import LiveServer, start_uvicorn, stop_uvicorn
 from stack import stack_settings
 
 from label_studio_sahi import names
@@ -25,6 +23,8 @@ from label_studio_sahi.serving.state import Service
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.training.job import _plot_curves
 from label_studio_sahi.versions.registry import Registry
+from testkit.fake_studio import FakeStudio
+from testkit.servers import LiveServer, start_uvicorn, stop_uvicorn
 
 
 @dataclass

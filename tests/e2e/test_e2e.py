@@ -3,7 +3,7 @@
 Label Studio runs from its own virtualenv (``scripts/label-studio-venv``; CI sets
 ``LS_SAHI_LS_PYTHON``). The backend is ``ls-sahi up`` (server + worker + embedded Redis)
 with small models, as a user starts: a detector "pretrained" on another domain that already
-finds some of the project's objects (the learning benchmark's base, bench/quality_data.py)
+finds some of the project's objects (the learning benchmark's base, testkit/scenes.py)
 and the tiny trained scene classifier, at the default score threshold. Labelling the
 project's large images and pressing Train must then promote a better detector. Everything
 lives in the test's run folder and is stopped at the end.
@@ -29,12 +29,12 @@ import psutil
 import pytest
 from labelled_project import SCENE_OF, png
 from stack import wait_for_health
-from tiny_models import SCENE_COLOURS
 
-from bench.quality_data import export_result, target_scene
 from e2e.screenshot import chromium, screenshot_task
 from e2e.studio_server import StudioServer
 from label_studio_sahi_plugin.connect import template
+from testkit.scenes import export_result, target_scene
+from testkit.tiny_models import SCENE_COLOURS
 
 pytestmark = [
     pytest.mark.e2e,

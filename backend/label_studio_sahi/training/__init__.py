@@ -1,6 +1,3 @@
-"""Fine-tuning support: what a training job learns from and how it is scored.
-
-``dataset`` turns a Label Studio export into labelled tasks, a stable train / held-out
-split and slice windows with their boxes; ``evaluate`` scores a model on the held-out
-tasks (COCO mAP via pycocotools, classification accuracy).
-"""
+"""Labels in, a better version out, or none: the rq job (``job``: gather, train, judge,
+publish), what it trains and holds out (``dataset``), the training loops (``finetune``), and
+held-out scores (``evaluate``: COCO mAP, the bootstrap and sign tests, accuracy)."""

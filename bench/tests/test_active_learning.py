@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
-from servers import make_settings
 
 from bench import active_learning, quality
-from bench import quality_data as data
 from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.labelstudio.label_config import parse_label_config
 from label_studio_sahi.serving.pipeline import ModelBundle, Predictor, TaskPrediction
+from testkit import scenes as data
+from testkit.servers import make_settings
 
 
 @pytest.fixture(scope="module")

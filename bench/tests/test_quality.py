@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import quality, quality_data
+from bench import quality
 from label_studio_sahi.labelstudio.label_config import parse_label_config
+from testkit import scenes as quality_data
 
 
 def test_the_generator_is_seeded_and_its_export_is_label_studio_s() -> None:

@@ -243,7 +243,7 @@ def train_source_base(
     ``scale`` draws the source scenes ``scale`` times larger with objects of the same pixel
     sizes, which the 128 px processor shrinks back: a base pretrained at that geometry
     (``scale=4``: objects as small in its input as the project's are in 512 px windows)."""
-    from tests.tiny_models import detr_processor, family_model
+    from testkit.tiny_models import detr_processor, family_model
 
     rng = random.Random(seed)
     model = family_model(family, SOURCE_CLASSES, num_queries=16, seed=seed)

@@ -320,13 +320,13 @@ def train_tiny_vit(out_dir: Path, steps: int = 60, seed: int = 0) -> Path:
 
 
 def build_fixtures(out: Path) -> None:
-    """(Re)build the committed fixture checkpoints: ``python -m tests.tiny_models`` from
+    """(Re)build the committed fixture checkpoints: ``python -m testkit.tiny_models`` from
     the repository root.
 
     Seeded and single-threaded, so the same code gives the same weights; committed so that
     a slow or busy machine tests the same models without training them.
     """
-    from bench.quality_data import train_source_base
+    from testkit.scenes import train_source_base
 
     torch.set_num_threads(1)
     for name, build in (
