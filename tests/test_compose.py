@@ -379,6 +379,14 @@ def test_dockerfile_installs_the_package_on_python_311_slim() -> None:
     )
 
 
+def test_dockerfile_copies_the_source_roots_as_they_are() -> None:
+    copies = [c.split() for c in dockerfile("COPY")]
+    assert ["backend", "./backend"] in copies and ["plugin", "./plugin"] in copies
+    runs = " ".join(dockerfile("RUN"))
+    # No package folder recreated by hand: the layout is the checkout's.
+    assert not re.search(r"mkdir[^&;]*\b(backend|plugin)\b|touch[^&;]*__init__\.py", runs)
+
+
 def test_dockerfile_runs_as_a_non_root_user_who_can_write_model_dir(
     services: dict[str, dict[str, Any]],
 ) -> None:
