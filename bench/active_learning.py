@@ -58,11 +58,13 @@ from scipy.stats import spearmanr
 from bench import quality
 from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.inference.scores import one_to_one_matches
+from label_studio_sahi.inference.sliced import SliceConfig
 from label_studio_sahi.inference.slicing import Detections
 from label_studio_sahi.labelstudio.label_config import parse_label_config
-from label_studio_sahi.serving.pipeline import ModelBundle, Predictor, ScoreInputs, SliceConfig
+from label_studio_sahi.serving.pipeline import Predictor, ScoreInputs
 from label_studio_sahi.settings import Settings, TaskScore
 from label_studio_sahi.training.evaluate import truth_detections
+from label_studio_sahi.versions.bundles import ModelBundle
 from testkit import scenes as data
 
 

@@ -39,11 +39,12 @@ import torch
 from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor
 
 from label_studio_sahi.inference.detector import Detector
+from label_studio_sahi.inference.sliced import SliceConfig
 from label_studio_sahi.inference.slicing import slice_windows
-from label_studio_sahi.serving.pipeline import ModelBundle, SliceConfig
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
 from label_studio_sahi.settings import Settings
+from label_studio_sahi.versions.bundles import ModelBundle
 from testkit.servers import start_uvicorn, stop_uvicorn
 from testkit.tiny_models import draw_scene
 

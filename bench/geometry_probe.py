@@ -24,8 +24,8 @@ import torch
 
 from label_studio_sahi.inference import checkpoints
 from label_studio_sahi.inference.detector import Detector
+from label_studio_sahi.inference.sliced import SliceConfig
 from label_studio_sahi.labelstudio.label_config import parse_label_config
-from label_studio_sahi.serving.pipeline import SliceConfig
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.training import finetune, job
 from label_studio_sahi.training.dataset import LabelledTask, split_holdout

@@ -41,10 +41,10 @@ import torch
 from label_studio_sahi import names
 from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.inference.scores import one_to_one_matches
+from label_studio_sahi.inference.sliced import SliceConfig, sliced_detect
 from label_studio_sahi.inference.slicing import Detections
 from label_studio_sahi.jobs.redis_server import EmbeddedRedis, connect
 from label_studio_sahi.labelstudio.label_config import parse_label_config
-from label_studio_sahi.serving.pipeline import ModelBundle, SliceConfig, sliced_detect
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.training.evaluate import (
     detection_metrics,
@@ -52,7 +52,12 @@ from label_studio_sahi.training.evaluate import (
     truth_detections,
 )
 from label_studio_sahi.training.job import EVAL_SCORE_THRESHOLD, JobContext, run_training
-from label_studio_sahi.versions.bundles import live_version, project_bundle, version_bundle
+from label_studio_sahi.versions.bundles import (
+    ModelBundle,
+    live_version,
+    project_bundle,
+    version_bundle,
+)
 from label_studio_sahi.versions.registry import Registry
 from testkit import scenes as data
 from testkit.fake_studio import FakeStudio

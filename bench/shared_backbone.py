@@ -36,8 +36,8 @@ from torchvision.ops import box_iou
 from bench import quality
 from bench.bench_predict import build_detr_r50
 from label_studio_sahi.inference.detector import Detector
+from label_studio_sahi.inference.sliced import SliceConfig
 from label_studio_sahi.inference.slicing import Detections, merge_detections, slice_windows
-from label_studio_sahi.serving.pipeline import SliceConfig
 
 WINDOW = 128
 

@@ -40,11 +40,12 @@ from PIL import Image
 
 from bench.bench_predict import build_detr_r50, serve_folder, time_forward, time_predict
 from label_studio_sahi.inference.detector import Detector
+from label_studio_sahi.inference.sliced import SliceConfig, sliced_detect
 from label_studio_sahi.inference.slicing import slice_windows
-from label_studio_sahi.serving.pipeline import ModelBundle, SliceConfig, sliced_detect
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
 from label_studio_sahi.settings import Settings
+from label_studio_sahi.versions.bundles import ModelBundle
 from testkit.servers import LiveServer, start_uvicorn, stop_uvicorn
 from testkit.tiny_models import draw_scene
 

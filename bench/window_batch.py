@@ -26,7 +26,7 @@ import torch
 from bench.bench_predict import build_detr_r50
 from bench.memory import PeakRSS
 from label_studio_sahi.inference.detector import Detector
-from label_studio_sahi.serving.pipeline import SliceConfig, Timings, sliced_detect
+from label_studio_sahi.inference.sliced import SliceConfig, Timings, sliced_detect
 from testkit.tiny_models import draw_scene
 
 

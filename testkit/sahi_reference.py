@@ -15,8 +15,8 @@ from sahi.predict import get_sliced_prediction
 from sahi.prediction import ObjectPrediction
 
 from label_studio_sahi.inference.detector import Detector
+from label_studio_sahi.inference.sliced import SliceConfig
 from label_studio_sahi.inference.slicing import Detections
-from label_studio_sahi.serving.pipeline import SliceConfig
 
 
 def sahi_model(detector: Detector, threshold: float) -> HuggingfaceDetectionModel:

@@ -16,7 +16,7 @@ from http_origins import Servers, running_origins
 
 from label_studio_sahi.inference.classifier import Classifier
 from label_studio_sahi.inference.detector import Detector
-from label_studio_sahi.serving.pipeline import ModelBundle
+from label_studio_sahi.versions.bundles import ModelBundle
 from testkit import tiny_models
 from testkit.fake_studio import FakeStudio
 from testkit.pytest_plugin import cached_model, no_env_leaks, source_base_dir

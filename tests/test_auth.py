@@ -13,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from label_studio_sahi.serving.auth import credentials
-from label_studio_sahi.serving.pipeline import ModelBundle
+from label_studio_sahi.versions.bundles import ModelBundle
 from testkit.servers import make_settings, serving
 
 

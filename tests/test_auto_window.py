@@ -12,8 +12,9 @@ from labelled_project import labelled_project
 from stack import stack_settings
 
 from label_studio_sahi.inference.detector import Detector
+from label_studio_sahi.inference.sliced import SliceConfig
 from label_studio_sahi.inference.slicing import model_window
-from label_studio_sahi.serving.pipeline import Predictor, SliceConfig
+from label_studio_sahi.serving.pipeline import Predictor
 from label_studio_sahi.training.job import JobContext, run_training
 from label_studio_sahi.versions.registry import Registry
 from testkit.fake_studio import FakeStudio

@@ -31,7 +31,7 @@ from ui_backend import Backend, serving_page
 from label_studio_sahi import names
 from label_studio_sahi.jobs.queueing import job_state
 from label_studio_sahi.jobs.redis_server import connect
-from label_studio_sahi.serving.pipeline import ModelBundle
+from label_studio_sahi.versions.bundles import ModelBundle
 from testkit.fake_studio import FakeStudio
 
 FORM_ROUTES = ("live", "train", "bulk-predict")

@@ -24,7 +24,7 @@ from stack import stack_settings
 from label_studio_sahi.inference.checkpoints import checkpoint_revision
 from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.inference.onnx_engine import ONNX_FILE, onnx_revision, write_onnx
-from label_studio_sahi.serving.pipeline import SliceConfig, sliced_detect
+from label_studio_sahi.inference.sliced import SliceConfig, sliced_detect
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.training.job import JobContext, run_training
 from label_studio_sahi.versions.bundles import load_base_bundle

@@ -16,10 +16,10 @@ from test_hot_swap import _version_writer
 from label_studio_sahi.jobs.redis_server import EmbeddedRedis, connect
 from label_studio_sahi.labelstudio.client import StudioError
 from label_studio_sahi.names import train_job_id
-from label_studio_sahi.serving.pipeline import ModelBundle
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
 from label_studio_sahi.training.job import JobContext, run_training
+from label_studio_sahi.versions.bundles import ModelBundle
 from label_studio_sahi.versions.registry import Registry
 from testkit.fake_studio import FakeStudio
 from testkit.servers import LEGACY_TOKEN, make_settings, start_uvicorn, stop_uvicorn

@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from label_studio_sahi.serving.browser_guard import HostPolicy
-from label_studio_sahi.serving.pipeline import ModelBundle
 from label_studio_sahi.settings import Settings
+from label_studio_sahi.versions.bundles import ModelBundle
 from testkit.servers import LiveServer, make_settings, serving
 
 REBOUND = "rebind.attacker.test"

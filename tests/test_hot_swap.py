@@ -21,9 +21,9 @@ from labelled_project import CONFIG
 from safetensors.torch import load_file, save_file
 
 from label_studio_sahi.jobs.redis_server import connect
-from label_studio_sahi.serving.pipeline import ModelBundle
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
+from label_studio_sahi.versions.bundles import ModelBundle
 from label_studio_sahi.versions.registry import Registry
 from testkit.servers import LiveServer, make_settings, start_uvicorn, stop_uvicorn
 from testkit.tiny_models import draw_scene

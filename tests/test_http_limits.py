@@ -17,9 +17,9 @@ import pytest
 from labelled_project import CONFIG
 from PIL import Image
 
-from label_studio_sahi.serving.pipeline import ModelBundle
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
+from label_studio_sahi.versions.bundles import ModelBundle
 from testkit.servers import LiveServer, make_settings, start_uvicorn, stop_uvicorn
 
 HEADER_TIMEOUT = 0.5

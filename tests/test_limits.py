@@ -21,10 +21,10 @@ from test_hot_swap import _version_writer
 
 from label_studio_sahi.jobs.redis_server import connect
 from label_studio_sahi.labelstudio.label_config import parse_label_config
-from label_studio_sahi.serving.pipeline import ModelBundle
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
 from label_studio_sahi.settings import Settings, SettingsError, read_settings
+from label_studio_sahi.versions.bundles import ModelBundle
 from label_studio_sahi.versions.registry import Registry
 from testkit.servers import make_settings, start_uvicorn, stop_uvicorn
 

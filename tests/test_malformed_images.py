@@ -29,9 +29,10 @@ from label_studio_sahi.errors import ImageTooLarge
 from label_studio_sahi.images import fetch as images_module
 from label_studio_sahi.images.fetch import ImageLoader
 from label_studio_sahi.jobs.trigger import TrainingTrigger
-from label_studio_sahi.serving.pipeline import ModelBundle, RequestImages
+from label_studio_sahi.serving.pipeline import RequestImages
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
+from label_studio_sahi.versions.bundles import ModelBundle
 from testkit.fake_studio import FakeStudio
 from testkit.servers import make_settings, start_uvicorn, stop_uvicorn
 from testkit.tiny_models import random_detr

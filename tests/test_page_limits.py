@@ -19,7 +19,7 @@ from labelled_project import CONFIG
 from ui_backend import Backend, serving_page
 
 from label_studio_sahi.jobs.redis_server import connect
-from label_studio_sahi.serving.pipeline import ModelBundle
+from label_studio_sahi.versions.bundles import ModelBundle
 from testkit.fake_studio import FakeStudio
 
 PREVIEWS = 6

@@ -24,7 +24,7 @@ import pytest
 from test_slicing import assert_same_detections
 
 from label_studio_sahi.inference.detector import Detector
-from label_studio_sahi.serving.pipeline import SliceConfig, sliced_detect
+from label_studio_sahi.inference.sliced import SliceConfig, sliced_detect
 from testkit.sahi_reference import sahi_detections
 from testkit.tiny_models import draw_scene
 

@@ -9,7 +9,8 @@ from labelled_project import CONFIG
 from PIL import Image
 
 from label_studio_sahi.labelstudio.label_config import parse_label_config
-from label_studio_sahi.serving.pipeline import ModelBundle, Predictor
+from label_studio_sahi.serving.pipeline import Predictor
+from label_studio_sahi.versions.bundles import ModelBundle
 from testkit.servers import make_settings
 
 

@@ -14,10 +14,12 @@ import torch
 from label_studio_sahi.errors import LabelConfigError
 from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.inference.scores import agreement, task_score
+from label_studio_sahi.inference.sliced import merge_passes, sliced_passes
 from label_studio_sahi.inference.slicing import Detections
 from label_studio_sahi.labelstudio.label_config import parse_label_config
-from label_studio_sahi.serving.pipeline import ModelBundle, Predictor, merge_passes, sliced_passes
+from label_studio_sahi.serving.pipeline import Predictor
 from label_studio_sahi.settings import TaskScore
+from label_studio_sahi.versions.bundles import ModelBundle
 from testkit.servers import make_settings
 from testkit.tiny_models import draw_scene
 

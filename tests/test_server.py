@@ -13,9 +13,9 @@ import pytest
 from labelled_project import CONFIG_WITH_SCENES
 from PIL import Image
 
-from label_studio_sahi.serving.pipeline import ModelBundle
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
+from label_studio_sahi.versions.bundles import ModelBundle
 from testkit.servers import LEGACY_TOKEN, LiveServer, make_settings, start_uvicorn, stop_uvicorn
 from testkit.tiny_models import draw_scene
 

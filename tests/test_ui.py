@@ -26,9 +26,9 @@ from label_studio_sahi import names
 from label_studio_sahi.jobs.bulk import enqueue_bulk
 from label_studio_sahi.jobs.redis_server import connect
 from label_studio_sahi.jobs.trigger import TrainingTrigger
-from label_studio_sahi.serving.pipeline import ModelBundle
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
+from label_studio_sahi.versions.bundles import ModelBundle
 from testkit.fake_studio import FakeStudio
 from testkit.servers import start_uvicorn, stop_uvicorn
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from label_studio_sahi.inference.detector import Detector, fit_batch
-from label_studio_sahi.serving.pipeline import SliceConfig, Timings, sliced_detect
+from label_studio_sahi.inference.sliced import SliceConfig, Timings, sliced_detect
 
 
 def _batches(

@@ -17,11 +17,11 @@ from stack import stack_settings
 
 from label_studio_sahi import names
 from label_studio_sahi.jobs.redis_server import connect
-from label_studio_sahi.serving.pipeline import ModelBundle
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.training.job import _plot_curves
+from label_studio_sahi.versions.bundles import ModelBundle
 from label_studio_sahi.versions.registry import Registry
 from testkit.fake_studio import FakeStudio
 from testkit.servers import LiveServer, start_uvicorn, stop_uvicorn

@@ -12,7 +12,8 @@ import pytest
 from bench import active_learning, quality
 from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.labelstudio.label_config import parse_label_config
-from label_studio_sahi.serving.pipeline import ModelBundle, Predictor, TaskPrediction
+from label_studio_sahi.serving.pipeline import Predictor, TaskPrediction
+from label_studio_sahi.versions.bundles import ModelBundle
 from testkit import scenes as data
 from testkit.servers import make_settings
 

@@ -40,9 +40,9 @@ from label_studio_sahi.labelstudio.label_config import LabelConfig, parse_label_
 from label_studio_sahi.serving import browser_guard, page_images
 from label_studio_sahi.serving.admission import Admission
 from label_studio_sahi.serving.browser_guard import FORM_TOKEN_FIELD, FormTokens
-from label_studio_sahi.serving.pipeline import ModelBundle, Predictor, RequestImages
+from label_studio_sahi.serving.pipeline import Predictor, RequestImages
 from label_studio_sahi.serving.state import Service
-from label_studio_sahi.versions.bundles import load_version_bundle
+from label_studio_sahi.versions.bundles import ModelBundle, load_version_bundle
 from label_studio_sahi.versions.registry import Version, VersionNotFound
 
 router = APIRouter()

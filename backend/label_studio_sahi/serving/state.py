@@ -22,9 +22,14 @@ from label_studio_sahi.images.fetch import ImageLoader
 from label_studio_sahi.jobs.trigger import TrainingTrigger
 from label_studio_sahi.labelstudio.label_config import LabelConfig
 from label_studio_sahi.serving.hot_swap import LiveWatcher
-from label_studio_sahi.serving.pipeline import ImageLoaderFn, ModelBundle, Predictor
+from label_studio_sahi.serving.pipeline import ImageLoaderFn, Predictor
 from label_studio_sahi.settings import Settings
-from label_studio_sahi.versions.bundles import check_bundle, load_base_bundle, load_version_bundle
+from label_studio_sahi.versions.bundles import (
+    ModelBundle,
+    check_bundle,
+    load_base_bundle,
+    load_version_bundle,
+)
 from label_studio_sahi.versions.registry import Registry, Version, VersionNotFound
 
 log = logging.getLogger(__name__)

@@ -30,12 +30,12 @@ from label_studio_sahi.inference.checkpoints import checkpoint_revision
 from label_studio_sahi.inference.classifier import Classifier
 from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.inference.onnx_engine import write_onnx
+from label_studio_sahi.inference.sliced import SliceConfig, sliced_detect
 from label_studio_sahi.inference.slicing import Detections
 from label_studio_sahi.jobs.queueing import ProgressWriter, job_redis
 from label_studio_sahi.labelstudio.client import StudioClient
 from label_studio_sahi.labelstudio.label_config import ControlTag, LabelConfig, parse_label_config
 from label_studio_sahi.names import model_version
-from label_studio_sahi.serving.pipeline import ModelBundle, SliceConfig, sliced_detect
 from label_studio_sahi.settings import VERSION_SETTINGS, Settings, get_settings
 from label_studio_sahi.training.dataset import (
     LabelledTask,
@@ -65,7 +65,7 @@ from label_studio_sahi.training.finetune import (
     train_detector,
     training_steps,
 )
-from label_studio_sahi.versions.bundles import live_version, version_bundle
+from label_studio_sahi.versions.bundles import ModelBundle, live_version, version_bundle
 from label_studio_sahi.versions.registry import Registry, Version
 
 log = logging.getLogger(__name__)

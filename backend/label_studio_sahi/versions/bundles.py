@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,9 +16,23 @@ import torch
 from label_studio_sahi import names
 from label_studio_sahi.inference.classifier import Classifier
 from label_studio_sahi.inference.detector import Detector
-from label_studio_sahi.serving.pipeline import ModelBundle
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.versions.registry import Registry, Version, VersionNotFound
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """The models serving one project, and the version Label Studio sees for them."""
+
+    detector: Detector | None
+    classifier: Classifier | None
+    version: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.version:
+            parts = [m.version for m in (self.detector, self.classifier) if m is not None]
+            object.__setattr__(self, "version", "+".join(parts) or "no-model")
+
 
 log = logging.getLogger(__name__)
 
