@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from label_studio_sahi.images.checks import check_structure
-from label_studio_sahi.images.fetch import _torchvision_decode, decode_pixels
+from label_studio_sahi.images.decode import _torchvision_decode, decode_pixels
 from label_studio_sahi.settings import Settings
 
 

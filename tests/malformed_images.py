@@ -553,7 +553,7 @@ def serve_decodes() -> None:
     """Decode each file sent on stdin (4-byte length, then the bytes) with ``decode_pixels``
     and ``decode_image``; answer one JSON line per file on stdout."""
     from label_studio_sahi.errors import ImageError
-    from label_studio_sahi.images.fetch import decode_image, decode_pixels, rgb_pixels
+    from label_studio_sahi.images.decode import decode_image, decode_pixels, rgb_pixels
     from label_studio_sahi.settings import Settings
 
     settings = Settings(_env_file=None, device="cpu")  # type: ignore[call-arg]

@@ -38,13 +38,8 @@ from label_studio_sahi.errors import (
     ImageUnreachable,
     ImageURLError,
 )
-from label_studio_sahi.images.fetch import (
-    ImageLoader,
-    decode_image,
-    decode_pixels,
-    load_local_image,
-    rgb_pixels,
-)
+from label_studio_sahi.images.decode import decode_image, decode_pixels, rgb_pixels
+from label_studio_sahi.images.fetch import ImageLoader, load_local_image
 
 # --- images ---------------------------------------------------------------------------
 

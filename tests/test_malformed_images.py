@@ -26,7 +26,7 @@ from PIL import Image
 from stack import Stack, job_done, stack_settings, start_stack, start_worker, wait_for
 
 from label_studio_sahi.errors import ImageTooLarge
-from label_studio_sahi.images import fetch as images_module
+from label_studio_sahi.images import decode as images_module
 from label_studio_sahi.images.fetch import ImageLoader
 from label_studio_sahi.jobs.trigger import TrainingTrigger
 from label_studio_sahi.serving.pipeline import RequestImages

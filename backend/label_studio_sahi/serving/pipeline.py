@@ -22,7 +22,7 @@ from PIL import Image
 
 from label_studio_sahi import metrics
 from label_studio_sahi.errors import BackendError, ImageTooLarge, ImageURLError
-from label_studio_sahi.images.fetch import EncodedImage, rgb_pixels
+from label_studio_sahi.images.decode import EncodedImage, rgb_pixels
 from label_studio_sahi.inference import scores
 from label_studio_sahi.inference.sliced import SliceConfig, Timings, merge_passes, sliced_passes
 from label_studio_sahi.inference.slicing import (
