@@ -1,6 +1,6 @@
 """Why fine-tuning collapses at the default window geometry (512 px windows): probes.
 
-Runs the job's own ``finetune_detector`` / ``_evaluate_detector`` on an e2e-like project
+Runs the job's own ``finetune_detector`` / ``evaluate_detector`` on an e2e-like project
 (1600x1200 scenes, the e2e template's Vehicle / Person mapping) without Label Studio, with
 one change at a time (``--variant``), and scores base and candidate on the held-out tasks and
 a fixed test split, sliced as served.
@@ -27,7 +27,8 @@ from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.inference.sliced import SliceConfig
 from label_studio_sahi.labelstudio.label_config import parse_label_config
 from label_studio_sahi.settings import Settings
-from label_studio_sahi.training import finetune, job
+from label_studio_sahi.training import candidates, finetune
+from label_studio_sahi.training.evaluate import evaluate_detector
 from label_studio_sahi.training.dataset import LabelledTask, split_holdout
 from testkit import scenes as data
 
@@ -87,7 +88,7 @@ def settings_for(**over: Any) -> Settings:
 
 
 def evaluate(det: Detector, tasks, images, slicing, own: bool) -> dict[str, Any]:
-    scored = job._evaluate_detector(det, TAG, tasks, images, slicing, own_labels=own)
+    scored = evaluate_detector(det, TAG, tasks, images, slicing, own_labels=own)
     preds = scored.predictions
     scores = torch.cat([p.scores for p in preds]) if preds else torch.zeros(0)
     sizes = torch.cat([(p.boxes[:, 2:] - p.boxes[:, :2]).prod(1).sqrt() for p in preds])
@@ -167,8 +168,8 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
             settings.model_copy(update={"native_window_size": True})
         )
     elif v == "nofull":
-        orig = job.training_windows
-        stack.enter_context(patched(job, "training_windows",
+        orig = candidates.training_windows
+        stack.enter_context(patched(candidates, "training_windows",
                                     lambda *a, **k: orig(*a, **{**k, "include_full_image": False})))  # fmt: skip
     if "sizeprior" in v:  # re-centre the box head's w/h bias on the training boxes' sizes
         out["sizeprior"] = _size_prior(stack, base, settings, train, images)
@@ -180,12 +181,12 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         stack.enter_context(patched(finetune, "_targets", _canvas_targets(base.processor)))
         v = v.replace("canvas", "").strip("+") or "default"
     if v == "nograd":
-        stack.enter_context(patched(job, "train_detector", lambda *a, **k: [0.0]))
+        stack.enter_context(patched(candidates, "train_detector", lambda *a, **k: [0.0]))
     elif v == "train128":  # train on 128 px windows (the model's input), serve as set
-        orig_ft = job.finetune_detector
+        orig_ft = candidates.finetune_detector
         stack.enter_context(
             patched(
-                job,
+                candidates,
                 "finetune_detector",
                 lambda s, *a, **k: orig_ft(
                     s.model_copy(update={"slice_height": 128, "slice_width": 128}), *a, **k
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
             )
         )
     parts: list[dict[str, float]] = []
-    orig_train = job.train_detector
+    orig_train = candidates.train_detector
 
     def logged(model: Any, *a: Any, **k: Any) -> Any:
         def hook(_m: Any, _i: Any, output: Any) -> None:
@@ -209,11 +210,11 @@ def run(args: argparse.Namespace, seed: int) -> dict[str, Any]:
             handle.remove()
 
     if v != "nograd":
-        stack.enter_context(patched(job, "train_detector", logged))
+        stack.enter_context(patched(candidates, "train_detector", logged))
     v = args.variant
     start = time.monotonic()
     with stack:
-        tuned = job.finetune_detector(settings, base, TAG, train, images)
+        tuned = candidates.finetune_detector(settings, base, TAG, train, images)
         cand, curve, windows = tuned.detector, tuned.curve, tuned.windows
         out["train_seconds"] = round(time.monotonic() - start, 1)
         out["windows"] = windows
@@ -261,7 +262,7 @@ def _size_prior(
     t = torch.tensor([np.median(ws), np.median(hs)])
     p = top[:, 2:].median(0).values
     delta = torch.logit(t) - torch.logit(p)
-    orig = job.relabel_head
+    orig = candidates.relabel_head
 
     def relabel(model: Any, *a: Any, **k: Any) -> None:
         orig(model, *a, **k)
@@ -270,7 +271,7 @@ def _size_prior(
                 model.bbox_predictor.layers[-1].bias
             )
 
-    stack.enter_context(patched(job, "relabel_head", relabel))
+    stack.enter_context(patched(candidates, "relabel_head", relabel))
     return {"target_wh": [round(float(x), 4) for x in t], "base_wh": [round(float(x), 4) for x in p],
             "delta": [round(float(x), 3) for x in delta]}  # fmt: skip
 

@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     data.export_result = functools.partial(data.export_result, config=config, label_of=gp.LABEL_OF)
     q.TAG = gp.TAG
     if args.patch == "relabelfirst":
-        finetune._relabelled = gp._relabelled_first  # job imports relabel_head, which calls this
+        finetune._relabelled = (
+            gp._relabelled_first
+        )  # candidates imports relabel_head, which calls this
     make = lambda seed: gp.scene(seed)  # noqa: E731  (1600x1200, e2e grounds)
     split = q.test_split(args.test_images, make=make)
     over = {"slice_height": args.window, "slice_width": args.window,

@@ -47,11 +47,12 @@ from label_studio_sahi.jobs.redis_server import EmbeddedRedis, connect
 from label_studio_sahi.labelstudio.label_config import parse_label_config
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.training.evaluate import (
+    EVAL_SCORE_THRESHOLD,
     detection_metrics,
     in_project_labels,
     truth_detections,
 )
-from label_studio_sahi.training.job import EVAL_SCORE_THRESHOLD, JobContext, run_training
+from label_studio_sahi.training.job import JobContext, run_training
 from label_studio_sahi.versions.bundles import (
     ModelBundle,
     live_version,
@@ -453,8 +454,8 @@ def sahi_table(seed: int, labels: int, split: TestSplit, base: Path) -> list[dic
     """SAHI's ordering on the same data: fine-tuning on whole images or on slices, then
     inference on the whole image or sliced. Both fine-tunes bypass the gate (the table
     compares recipes, not promotions)."""
+    from label_studio_sahi.training.candidates import finetune_detector
     from label_studio_sahi.training.dataset import LabelledTask
-    from label_studio_sahi.training.job import finetune_detector
 
     tag = TAG
     scenes = [data.target_scene(s) for s in data.project_seeds(seed, labels)]

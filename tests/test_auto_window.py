@@ -115,8 +115,9 @@ def test_the_held_out_tasks_choose_between_the_candidate_and_its_average_with_th
 
     import torch
 
+    from label_studio_sahi.training.candidates import FineTuned, better_of
     from label_studio_sahi.training.finetune import DETECTOR_HEADS, relabel_head
-    from label_studio_sahi.training.job import FineTuned, _better_of, gather
+    from label_studio_sahi.training.job import gather
 
     project = labelled_project(fake, n_tasks=4)
     settings = stack_settings(fake, None, detector_dir, tmp_path / "models")
@@ -136,17 +137,17 @@ def test_the_held_out_tasks_choose_between_the_candidate_and_its_average_with_th
     forgot = Detector(broken, detector.processor, detector.device, detector.dtype, version="x")
 
     # Its start knew the squares: the average (mostly the start) scores higher, and is taken.
-    chosen, scored, share = _better_of(
+    chosen, scored, share = better_of(
         FineTuned(forgot, [], 0, good), 0.99, tag, tasks, data.images, slicing
     )
     assert share == 0.99 and chosen is not forgot and scored.metrics["map_50"] > 0
     # A good candidate from a start that knew nothing: the candidate itself is kept.
     noise = {k: v.clone() for k, v in broken.state_dict().items()}
-    chosen, _, share = _better_of(
+    chosen, _, share = better_of(
         FineTuned(knows, [], 0, noise), 0.99, tag, tasks, data.images, slicing
     )
     assert share == 0.0 and chosen is knows
     # No share: nothing else is scored.
     assert (
-        _better_of(FineTuned(forgot, [], 0, good), 0.0, tag, tasks, data.images, slicing)[2] == 0.0
+        better_of(FineTuned(forgot, [], 0, good), 0.0, tag, tasks, data.images, slicing)[2] == 0.0
     )

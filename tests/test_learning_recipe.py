@@ -28,7 +28,7 @@ from label_studio_sahi.training.finetune import (
     relabel_head,
     training_steps,
 )
-from label_studio_sahi.training.job import Candidates, decide
+from label_studio_sahi.training.gate import Candidates, decide
 from testkit.servers import make_settings
 
 

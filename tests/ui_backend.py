@@ -20,7 +20,7 @@ from label_studio_sahi.jobs.redis_server import connect
 from label_studio_sahi.serving.routes import create_app
 from label_studio_sahi.serving.state import Service
 from label_studio_sahi.settings import Settings
-from label_studio_sahi.training.job import _plot_curves
+from label_studio_sahi.training.plots import plot_curves
 from label_studio_sahi.versions.bundles import ModelBundle
 from label_studio_sahi.versions.registry import Registry
 from testkit.fake_studio import FakeStudio
@@ -46,7 +46,7 @@ def checkpoint(source: Path, metrics: dict[str, float], tasks: int) -> Any:
     def write(folder: Path) -> None:
         shutil.copytree(source, folder / names.DETECTOR_DIR)
         loss = [2.0 / (1 + step / 20) for step in range(200)]  # as the job plots its own
-        _plot_curves({"detector": loss}, folder / names.CURVES_FILE)
+        plot_curves({"detector": loss}, folder / names.CURVES_FILE)
 
     meta = {
         names.META_STATUS: "accepted",
