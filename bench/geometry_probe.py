@@ -28,8 +28,8 @@ from label_studio_sahi.inference.sliced import SliceConfig
 from label_studio_sahi.labelstudio.label_config import parse_label_config
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.training import candidates, finetune
-from label_studio_sahi.training.evaluate import evaluate_detector
 from label_studio_sahi.training.dataset import LabelledTask, split_holdout
+from label_studio_sahi.training.evaluate import evaluate_detector
 from testkit import scenes as data
 
 ROOT = Path(__file__).resolve().parents[1]
