@@ -207,7 +207,7 @@ def test_the_gate_refuses_a_gain_that_one_image_makes() -> None:
 
 def test_by_default_the_gate_refuses_a_gain_that_holds_in_five_draws_of_six() -> None:
     # Measured: such gains on 6 held-out images were losses on the test split
-    # (bench/README, Geometry); the default asks for 95 % of the draws.
+    # (bench/LOG.md, Geometry); the default asks for 95 % of the draws.
     assert not decide(_candidates(0.23, 0.19, 0.84), make_settings())["detector"]["promoted"]
     assert decide(_candidates(0.22, 0.13, 0.98), make_settings())["detector"]["promoted"]
 

@@ -1,4 +1,4 @@
-"""The geometry probe (bench/README, "Geometry") still runs the job's own fine-tuning and
+"""The geometry probe (bench/LOG.md, "Geometry") still runs the job's own fine-tuning and
 scoring on its e2e-like project: two steps, one test image, both models scored."""
 
 from __future__ import annotations

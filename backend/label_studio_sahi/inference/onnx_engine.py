@@ -4,7 +4,7 @@ On a CPU, sliced inference is the model's forward passes and little else, so the
 faster than the model's own PyTorch forward is a runtime made for inference: ONNX Runtime
 fuses the graph (convolution + batch norm + activation, attention) and ran a DETR-R50
 window in about 0.55x PyTorch's time on the 2-core machine this was built on
-(``bench/README.md``).
+(``bench/LOG.md``, "vs_sahi").
 
 The graph is the transformers model traced once from ``pixel_values`` and ``pixel_mask``
 (batch, height and width dynamic) to ``logits`` and ``pred_boxes``, so the checkpoint's

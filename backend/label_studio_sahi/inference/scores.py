@@ -9,7 +9,7 @@ chosen (``TASK_SCORE``, or ``task_score="..."`` on any tag of a project's labeli
   suggested). The sum is about how many suggestions are wrong, so the task with the most
   to correct comes first: a label is worth what the annotator corrects in it. On the
   learning benchmark its order follows the corrections a task needs (boxes to delete or
-  draw) far better than any other score's (bench/README.md).
+  draw) far better than any other score's (bench/LOG.md, "active_learning").
 * ``mean_confidence``: the mean score of everything suggested: the task as a whole. Its
   order follows the live model's error *rate* (1 - F1), but a crowded task and a sparse
   one of the same doubt score alike, and labelling in its order was no better than

@@ -28,7 +28,7 @@ AUTO_NO_SLICE_BELOW = 1024
 # SLICE_*=auto with a detector: windows of its input size, at most sahi's 512 px. A window
 # larger than the input is shrunk into it, objects with it, and fine-tuning stops paying:
 # with a 128 px input, 256 and 512 px windows gained nothing from 10 labels (median of 3
-# seeds) where 64 and 128 px ones gained 6-25x the base's test mAP@.5 (bench/README.md,
+# seeds) where 64 and 128 px ones gained 6-25x the base's test mAP@.5 (bench/LOG.md,
 # "Geometry").
 AUTO_MAX_WINDOW = 512
 # Rows of the box-to-box overlap computed at once when merging: 1024 x N floats at a time.

@@ -152,7 +152,7 @@ class RequestImages:
 
 def _warn_if_shrunk(slicing: SliceConfig, bundle: ModelBundle) -> None:
     """A set window larger than the detector's input is shrunk into it, and its objects with
-    it: said once per model, since labels then buy little (bench/README.md, "Geometry")."""
+    it: said once per model, since labels then buy little (bench/LOG.md, "Geometry")."""
     if bundle.detector is None or slicing.native_windows:
         return
     if slicing.slice_height is None or slicing.slice_width is None:

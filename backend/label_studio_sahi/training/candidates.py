@@ -67,7 +67,7 @@ def better_of(
     scores a higher held-out mAP@.5: with its held-out score and the share it took.
 
     Averaging keeps what a parent that already detects knew (a few labels pull the
-    fine-tuned weights away from it: bench/README.md, "Geometry"), and keeps a weak parent's
+    fine-tuned weights away from it: bench/LOG.md, "Geometry"), and keeps a weak parent's
     false boxes too: which of the two a project needs, its held-out tasks say. The pick is
     between two points of one training run; the gate then asks the same of it as of any
     candidate."""
