@@ -323,7 +323,7 @@ class Settings(BaseSettings):
         description="Train on windows at random places around objects too, flipped and colour-jittered.",
     )
     # 0.95, the conventional level, not 0.8: candidates better in 82-84 % of the draws of 6
-    # held-out images scored below their parent on the test split (bench/README, Geometry).
+    # held-out images scored below their parent on the test split (bench/LOG.md, Geometry).
     promote_confidence: float = Field(
         0.95,
         ge=0,
