@@ -16,7 +16,7 @@ from sahi.prediction import ObjectPrediction
 
 from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.inference.sliced import SliceConfig
-from label_studio_sahi.inference.slicing import Detections
+from label_studio_sahi.inference.slicing import Detections, pairwise_overlap
 
 
 def sahi_model(detector: Detector, threshold: float) -> HuggingfaceDetectionModel:
@@ -62,3 +62,22 @@ def sahi_detections(
         torch.tensor([p.score.value for p in preds], dtype=torch.float32),
         torch.tensor([p.category.id for p in preds], dtype=torch.int64),
     )
+
+
+def assert_same_detections(ours: Detections, theirs: Detections, score_tol: float = 1e-5) -> None:
+    """Same number of boxes, each matched one-to-one at IoU > 0.99 with the same label."""
+    assert len(ours) == len(theirs), f"{len(ours)} boxes against sahi's {len(theirs)}"
+    if len(ours) == 0:
+        return
+    iou = pairwise_overlap(torch.cat([ours.boxes, theirs.boxes]), "IOU")[: len(ours), len(ours) :]
+    used: set[int] = set()
+    for i in range(len(ours)):
+        candidates = [
+            j
+            for j in torch.argsort(iou[i], descending=True).tolist()
+            if j not in used and iou[i, j] > 0.99 and int(theirs.labels[j]) == int(ours.labels[i])
+        ]
+        assert candidates, f"our box {ours.boxes[i].tolist()} has no match in sahi's result"
+        j = candidates[0]
+        used.add(j)
+        assert abs(float(ours.scores[i]) - float(theirs.scores[j])) <= score_tol

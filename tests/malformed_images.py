@@ -6,7 +6,7 @@ decoders must raise an ``ImageError`` with a message) or the RGB pixels (HWC uin
 lossless (made from known arrays); for JPEG they are a reference decode of the intact
 file by PIL (libjpeg-turbo, as the backend's decoders), EXIF-transposed.
 
-``serve_decodes()`` is the child side of tests/test_malformed_images.py: it decodes files
+``serve_decodes()`` is the child side of tests/unit/images/test_malformed_images.py: it decodes files
 sent over stdin in a loop and answers over stdout, so that a decoder crash kills the child,
 not pytest.
 """

@@ -21,7 +21,7 @@ import pytest
 
 from label_studio_sahi import names
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAMES_PY = ROOT / "backend" / "label_studio_sahi" / "names.py"
 
 # A Redis key or channel: "ls-sahi:" not followed by a space ("ls-sahi: error: ..." is the

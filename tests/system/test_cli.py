@@ -23,7 +23,7 @@ from label_studio_sahi.cli import print_records
 from label_studio_sahi.versions.registry import Registry
 from testkit.tiny_models import draw_scene
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(**values: str) -> dict[str, str]:

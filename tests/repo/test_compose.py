@@ -20,7 +20,7 @@ import yaml  # PyYAML: a dependency of transformers and huggingface-hub
 from label_studio_sahi.cli import build_parser
 from label_studio_sahi.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"

@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
+from derived_versions import version_writer
 from labelled_project import CONFIG
 from PIL import Image
-from test_hot_swap import _version_writer
 
 from label_studio_sahi.jobs.redis_server import connect
 from label_studio_sahi.labelstudio.label_config import parse_label_config
@@ -116,7 +116,7 @@ def test_past_max_project_models_the_least_recent_is_unloaded_and_reloaded_when_
     versions = {}
     for project in ("4", "5"):
         versions[project] = registry.publish(
-            project, _version_writer(detector_dir, "shift-boxes"), {"status": "accepted"}
+            project, version_writer(detector_dir, "shift-boxes"), {"status": "accepted"}
         )
         registry.set_live(project, versions[project].name)
     service = Service(settings, bundle, redis_client=connect(redis_url))

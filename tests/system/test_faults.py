@@ -7,11 +7,11 @@ from typing import Any
 
 import httpx
 import pytest
+from derived_versions import version_writer
 from http_origins import png
 from labelled_project import CONFIG, labelled_project
 from rq import Queue
 from stack import stack_settings
-from test_hot_swap import _version_writer
 
 from label_studio_sahi.jobs.redis_server import EmbeddedRedis, connect
 from label_studio_sahi.labelstudio.client import StudioError
@@ -35,7 +35,7 @@ def test_redis_down_and_back_keeps_serving_and_loses_no_job_or_live_pointer(
     settings = make_settings(model_dir=tmp_path / "models", redis_url=url, swap_poll_seconds=0.5,
                              label_studio_url=files_server[0], label_studio_api_key=LEGACY_TOKEN)  # fmt: skip
     registry = Registry.for_settings(settings, connect(url))
-    v1 = registry.publish("4", _version_writer(detector_dir, "shift-boxes"), {"status": "accepted"})
+    v1 = registry.publish("4", version_writer(detector_dir, "shift-boxes"), {"status": "accepted"})
     registry.set_live("4", v1.name)
     service = Service(settings, bundle, redis_client=connect(url))
     live = start_uvicorn(create_app(settings, service))

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_slicing import assert_same_detections
 
 from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.inference.sliced import SliceConfig, sliced_detect
-from testkit.sahi_reference import sahi_detections
+from testkit.sahi_reference import assert_same_detections, sahi_detections
 from testkit.tiny_models import draw_scene
 
 

@@ -26,7 +26,7 @@ from label_studio_sahi.serving.state import Service
 from label_studio_sahi.versions.bundles import ModelBundle
 from testkit.servers import LEGACY_TOKEN, LiveServer, make_settings, start_uvicorn, stop_uvicorn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from label_studio_sahi.inference.slicing import (
     windows_per_side,
 )
 from label_studio_sahi.settings import MatchMetric
+from testkit.sahi_reference import assert_same_detections
 
 SAHI_POSTPROCESS = {"NMS": NMSPostprocess, "NMM": NMMPostprocess, "GREEDYNMM": GreedyNMMPostprocess}
 
@@ -102,25 +103,6 @@ def _sahi_merge(
         torch.tensor([p.score.value for p in merged], dtype=torch.float32),
         torch.tensor([p.category.id for p in merged], dtype=torch.int64),
     )
-
-
-def assert_same_detections(ours: Detections, theirs: Detections, score_tol: float = 1e-5) -> None:
-    """Same number of boxes, each matched one-to-one at IoU > 0.99 with the same label."""
-    assert len(ours) == len(theirs), f"{len(ours)} boxes against sahi's {len(theirs)}"
-    if len(ours) == 0:
-        return
-    iou = pairwise_overlap(torch.cat([ours.boxes, theirs.boxes]), "IOU")[: len(ours), len(ours) :]
-    used: set[int] = set()
-    for i in range(len(ours)):
-        candidates = [
-            j
-            for j in torch.argsort(iou[i], descending=True).tolist()
-            if j not in used and iou[i, j] > 0.99 and int(theirs.labels[j]) == int(ours.labels[i])
-        ]
-        assert candidates, f"our box {ours.boxes[i].tolist()} has no match in sahi's result"
-        j = candidates[0]
-        used.add(j)
-        assert abs(float(ours.scores[i]) - float(theirs.scores[j])) <= score_tol
 
 
 @pytest.mark.parametrize("kind", ["NMS", "NMM", "GREEDYNMM"])

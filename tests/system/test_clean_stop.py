@@ -5,10 +5,8 @@ queue for the next worker. And a closed pipe ends the CLI quietly."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,35 +14,17 @@ from pathlib import Path
 
 import psutil
 import pytest
+from processes import free_port, start_cli, stopped
 from redis import Redis
 from rq import Queue, Worker
 from rq.job import Job, JobStatus
 from stack import wait_for, wait_for_health
-from test_up_twice import free_port
 
 from label_studio_sahi import names
 from label_studio_sahi.jobs.redis_server import EmbeddedRedis, _answers, connect
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 GONE_TIMEOUT = 30  # seconds for the processes of a stopped command to be gone
-
-
-def _start(
-    command: str, model_dir: Path, detector: Path, log: Path, **extra: str
-) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS", "LABEL_STUDIO"))}
-    env.update(
-        HOST="127.0.0.1", MODEL_DIR=str(model_dir), DETECTOR_MODEL=str(detector),
-        CLASSIFIER_MODEL="", DEVICE="cpu", TORCH_THREADS="1", HF_HUB_OFFLINE="1",
-        PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT / "tests"), **extra,
-    )  # fmt: skip
-    return subprocess.Popen(
-        [sys.executable, "-m", "label_studio_sahi.cli", *command.split()],
-        env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # no terminal, as under Docker; the signal goes to it alone
-    )  # fmt: skip
 
 
 def _redis_of(model_dir: Path) -> Redis:
@@ -70,15 +50,6 @@ def _left_behind(tree: list[psutil.Process]) -> list[str]:
         except psutil.NoSuchProcess:
             pass
     return left
-
-
-def _stopped(process: subprocess.Popen[bytes], log: Path) -> None:
-    try:
-        process.wait(timeout=180)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise AssertionError(f"did not exit:\n{log.read_text()[-3000:]}") from None
-    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 
 @contextmanager
@@ -124,7 +95,7 @@ def test_a_stop_signal_lets_the_running_job_finish_then_leaves_no_process(
 ) -> None:
     model_dir, log, flag = tmp_path / "models", tmp_path / f"{command}.log", tmp_path / "may-end"
     port = free_port()
-    process = _start(command, model_dir, detector_dir, log, PORT=str(port))
+    process = start_cli(command, model_dir, detector_dir, log, PORT=str(port))
     killer.append(process)
     if command == "up":
         wait_for_health(f"http://127.0.0.1:{port}", process, log.read_text)
@@ -136,7 +107,7 @@ def test_a_stop_signal_lets_the_running_job_finish_then_leaves_no_process(
     wait_for(lambda: "warm shut down requested" in log.read_text(), 120, "the worker's warm stop")
     assert process.poll() is None, "exited with its job still running"
     flag.touch()  # the job may end now: the worker finishes it, then everything stops
-    _stopped(process, log)
+    stopped(process, log)
 
     assert process.returncode == 128 + sig or (command == "worker" and process.returncode == 0)
     assert _left_behind(tree) == []
@@ -150,14 +121,14 @@ def test_a_stop_signal_to_serve_stops_its_embedded_redis(
     sig: signal.Signals, detector_dir: Path, tmp_path: Path, killer: list[subprocess.Popen[bytes]]
 ) -> None:
     model_dir, log, port = tmp_path / "models", tmp_path / "serve.log", free_port()
-    process = _start("serve", model_dir, detector_dir, log, PORT=str(port))
+    process = start_cli("serve", model_dir, detector_dir, log, PORT=str(port))
     killer.append(process)
     wait_for_health(f"http://127.0.0.1:{port}", process, log.read_text)
     tree = _tree(process)
     assert any("redis-server" in " ".join(p.cmdline()) for p in tree)
 
     process.send_signal(sig)
-    _stopped(process, log)
+    stopped(process, log)
     assert process.returncode == 128 + sig
     assert _left_behind(tree) == []
     assert "embedded_redis_stopped" in log.read_text()
@@ -171,7 +142,9 @@ def test_a_job_cut_short_by_a_cold_stop_goes_back_on_its_queue_for_the_next_work
     port = free_port()
     # `up` stops its worker cold once WORKER_STOP_TIMEOUT has passed; a worker of one's own
     # stops cold on a second signal.
-    process = _start(command, model_dir, detector_dir, log, PORT=str(port), WORKER_STOP_TIMEOUT="1")
+    process = start_cli(
+        command, model_dir, detector_dir, log, PORT=str(port), WORKER_STOP_TIMEOUT="1"
+    )
     killer.append(process)
     if command == "up":
         wait_for_health(f"http://127.0.0.1:{port}", process, log.read_text)
@@ -186,7 +159,7 @@ def test_a_job_cut_short_by_a_cold_stop_goes_back_on_its_queue_for_the_next_work
         time.sleep(1.5)
         assert job.get_status(refresh=True) == JobStatus.STARTED
         process.send_signal(signal.SIGTERM)
-    _stopped(process, log)
+    stopped(process, log)
     assert _left_behind(tree) == []
     assert "job_requeued_on_cold_stop" in log.read_text()
 
@@ -195,9 +168,9 @@ def test_a_job_cut_short_by_a_cold_stop_goes_back_on_its_queue_for_the_next_work
         assert Job.fetch(job.id, connection=client).get_status() == JobStatus.QUEUED
         assert job.id in queue.job_ids and job.id not in queue.started_job_registry.get_job_ids()
         flag.touch()
-        next_worker = _start("worker --burst", model_dir, detector_dir, tmp_path / "next.log")
+        next_worker = start_cli("worker --burst", model_dir, detector_dir, tmp_path / "next.log")
         killer.append(next_worker)
-        _stopped(next_worker, tmp_path / "next.log")
+        stopped(next_worker, tmp_path / "next.log")
         done = Job.fetch(job.id, connection=client)
         assert done.get_status() == JobStatus.FINISHED and done.return_value() == "done"
         assert Worker.all(connection=client) == []
@@ -210,7 +183,7 @@ def test_up_killed_outright_takes_its_worker_and_redis_with_it(
     # SIGTERM (PR_SET_PDEATHSIG), and the Redis keeper ends redis-server once neither holds
     # the users lock any more.
     model_dir, log, port = tmp_path / "models", tmp_path / "up.log", free_port()
-    process = _start("up", model_dir, detector_dir, log, PORT=str(port))
+    process = start_cli("up", model_dir, detector_dir, log, PORT=str(port))
     killer.append(process)
     wait_for_health(f"http://127.0.0.1:{port}", process, log.read_text)
     tree = _tree(process)

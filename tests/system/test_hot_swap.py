@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -17,8 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
+from derived_versions import version_writer
 from labelled_project import CONFIG
-from safetensors.torch import load_file, save_file
 
 from label_studio_sahi.jobs.redis_server import connect
 from label_studio_sahi.serving.routes import create_app
@@ -29,29 +28,6 @@ from testkit.servers import LiveServer, make_settings, start_uvicorn, stop_uvico
 from testkit.tiny_models import draw_scene
 
 pytestmark = pytest.mark.slow
-
-
-def _version_writer(source: Path, change: str) -> Any:
-    """A checkpoint derived from ``source``: labels swapped, boxes shifted, or corrupt weights."""
-
-    def write(folder: Path) -> None:
-        target = folder / "detector"
-        shutil.copytree(source, target)
-        config = json.loads((target / "config.json").read_text())
-        weights = load_file(target / "model.safetensors")
-        if change == "swap-labels":
-            config["id2label"] = {"0": "person", "1": "car"}
-            config["label2id"] = {"person": 0, "car": 1}
-        elif change == "shift-boxes":
-            key = next(k for k in weights if k.startswith("bbox_predictor") and k.endswith("bias"))
-            weights[key] = weights[key] + 0.05  # every box moves: a different model, same classes
-        elif change == "corrupt":
-            (target / "model.safetensors").write_bytes(b"not a safetensors file")
-            return
-        (target / "config.json").write_text(json.dumps(config))
-        save_file(weights, target / "model.safetensors")
-
-    return write
 
 
 @pytest.fixture
@@ -105,8 +81,8 @@ def test_versions_swap_under_load_without_a_failed_or_mixed_answer(
 ) -> None:
     live, service, registry = served
     image = str(tmp_path / "scene.png")
-    v1 = registry.publish("4", _version_writer(detector_dir, "swap-labels"), {"status": "accepted"})
-    v2 = registry.publish("4", _version_writer(detector_dir, "shift-boxes"), {"status": "accepted"})
+    v1 = registry.publish("4", version_writer(detector_dir, "swap-labels"), {"status": "accepted"})
+    v2 = registry.publish("4", version_writer(detector_dir, "shift-boxes"), {"status": "accepted"})
 
     # What each model alone answers.
     expected = {service.base_version: _fingerprint(_predict(live.url, image)["result"])}
@@ -163,11 +139,11 @@ def test_a_checkpoint_that_fails_to_load_is_refused_and_the_old_one_keeps_servin
 ) -> None:
     live, service, registry = served
     good = registry.publish(
-        "4", _version_writer(detector_dir, "shift-boxes"), {"status": "accepted"}
+        "4", version_writer(detector_dir, "shift-boxes"), {"status": "accepted"}
     )
     registry.set_live("4", good.name)
     service.refresh("4")
-    broken = registry.publish("4", _version_writer(detector_dir, "corrupt"), {"status": "accepted"})
+    broken = registry.publish("4", version_writer(detector_dir, "corrupt"), {"status": "accepted"})
     registry.set_live("4", broken.name)
     service.refresh("4")
     assert service.version_for("4") == good.model_version
@@ -185,12 +161,12 @@ def test_a_fresh_server_whose_live_version_is_broken_serves_the_last_good_one(
     settings = make_settings(model_dir=tmp_path / "models", redis_url=redis_url)
     registry = Registry.for_settings(settings, redis_client)
     good = registry.publish(
-        "6", _version_writer(detector_dir, "shift-boxes"), {"status": "accepted"}
+        "6", version_writer(detector_dir, "shift-boxes"), {"status": "accepted"}
     )
     rejected = registry.publish(
-        "6", _version_writer(detector_dir, "swap-labels"), {"status": "rejected"}
+        "6", version_writer(detector_dir, "swap-labels"), {"status": "rejected"}
     )
-    broken = registry.publish("6", _version_writer(detector_dir, "corrupt"), {"status": "accepted"})
+    broken = registry.publish("6", version_writer(detector_dir, "corrupt"), {"status": "accepted"})
     registry.set_live("6", broken.name)
 
     service = Service(settings, bundle, redis_client=connect(redis_url))  # a process starting now

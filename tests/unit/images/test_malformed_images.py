@@ -37,7 +37,7 @@ from testkit.fake_studio import FakeStudio
 from testkit.servers import make_settings, start_uvicorn, stop_uvicorn
 from testkit.tiny_models import random_detr
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[2]  # the corpus script, tests/malformed_images.py
 
 
 class DecodeChild:

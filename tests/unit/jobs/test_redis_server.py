@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
+from processes import redis_servers_of
 
 from label_studio_sahi.jobs.redis_server import _answers, connect
 
@@ -21,15 +21,6 @@ print("up", flush=True)
 sys.stdin.readline()  # until the test says go
 server.stop()
 """
-
-
-def _servers_of(folder: Path) -> list[psutil.Process]:
-    # redis-server retitles itself ("redis-server unixsocket:<path>"): match the path.
-    socket = str(folder / "redis.sock")
-    return [
-        p for p in psutil.process_iter(["name", "cmdline"])
-        if "redis" in (p.info["name"] or "") and socket in " ".join(p.info["cmdline"] or [])
-    ]  # fmt: skip
 
 
 def _user(folder: Path) -> subprocess.Popen[str]:
@@ -47,17 +38,17 @@ def test_processes_started_together_share_one_server_and_the_last_out_stops_it(
     for user in (first, second):
         assert user.stdout is not None and user.stdout.readline().strip() == "up"
     url = f"unix://{folder / 'redis.sock'}"
-    assert len(_servers_of(folder)) == 1
+    assert len(redis_servers_of(folder)) == 1
     assert int(connect(url).get("starts")) == 2
 
     first.communicate("\n", timeout=30)  # the one that started it leaves first
     assert _answers(url), "the server went away under the other process"
     connect(url).set("kept", "yes")
     second.communicate("\n", timeout=30)
-    assert not _answers(url) and _servers_of(folder) == []
+    assert not _answers(url) and redis_servers_of(folder) == []
 
     third = _user(folder)  # a restart finds what was written (AOF)
     assert third.stdout is not None and third.stdout.readline().strip() == "up"
     assert connect(url).get("kept") == b"yes" and int(connect(url).get("starts")) == 3
     third.communicate("\n", timeout=30)
-    assert _servers_of(folder) == []
+    assert redis_servers_of(folder) == []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from label_studio_sahi.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_readme_documents_every_setting() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +11,13 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from processes import free_port, redis_servers_of
 from stack import wait_for_health
-from test_redis_server import _servers_of
 
 from label_studio_sahi.jobs.redis_server import _answers
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _up(model_dir: Path, port: int, log: Path, detector: Path) -> subprocess.Popen[bytes]:
@@ -32,12 +31,6 @@ def _up(model_dir: Path, port: int, log: Path, detector: Path) -> subprocess.Pop
         [sys.executable, "-m", "label_studio_sahi.cli", "up"],
         env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -60,7 +53,7 @@ def test_two_ups_on_one_model_dir_share_one_redis_and_stop_in_any_order(
         for up, port, log in zip(ups, ports, logs, strict=True):
             wait_for_health(f"http://127.0.0.1:{port}", up, log.read_text)
         redis_folder = model_dir / "redis"
-        assert len(_servers_of(redis_folder)) == 1
+        assert len(redis_servers_of(redis_folder)) == 1
         children = [c for up in ups for c in psutil.Process(up.pid).children(recursive=True)]
 
         _stop(ups[0])  # the first one goes; the second keeps its queue
@@ -69,7 +62,7 @@ def test_two_ups_on_one_model_dir_share_one_redis_and_stop_in_any_order(
         assert _answers(f"unix://{redis_folder / 'redis.sock'}")
 
         _stop(ups[1])
-        assert _servers_of(redis_folder) == []
+        assert redis_servers_of(redis_folder) == []
         for log in logs:
             assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
         assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]

@@ -18,7 +18,7 @@ from label_studio_sahi import names
 from label_studio_sahi.jobs import bulk
 from label_studio_sahi.training import job
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCE_ROOTS = {"label_studio_sahi": ROOT / "backend", "label_studio_sahi_plugin": ROOT / "plugin"}
 
 
@@ -112,3 +112,18 @@ def test_the_readme_code_map_names_every_module() -> None:
         and f"`{name}`" not in code_map
     ]
     assert missing == []
+
+
+def test_test_files_import_helpers_never_one_another() -> None:
+    tests = [*(ROOT / "tests").rglob("test_*.py"), *(ROOT / "bench" / "tests").rglob("test_*.py")]
+    wrong = {
+        f.relative_to(ROOT).as_posix(): sorted(m for m in _imports(f) if m.startswith("test_"))
+        for f in tests
+    }
+    assert {f: names for f, names in wrong.items() if names} == {}
+
+
+def test_unit_tests_mirror_the_package() -> None:
+    for folder in (ROOT / "tests" / "unit").iterdir():
+        if folder.is_dir() and folder.name != "__pycache__":
+            assert (ROOT / "backend" / "label_studio_sahi" / folder.name).is_dir(), folder.name

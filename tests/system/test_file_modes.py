@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from processes import ROOT, free_port, start_cli, stopped
 from stack import wait_for_health
-from test_clean_stop import ROOT, _start, _stopped
-from test_up_twice import free_port
 
 from label_studio_sahi.jobs.redis_server import EmbeddedRedis
 from label_studio_sahi.private_files import private_dir
@@ -32,7 +31,7 @@ def test_serve_keeps_model_dir_private_and_its_login_out_of_the_log(
 ) -> None:
     model_dir, log, port = tmp_path / "new" / "models", tmp_path / "serve.log", free_port()
     # AUTH=basic: a login is generated; no terminal (a new session), stdout and stderr a file.
-    serve = _start("serve", model_dir, detector_dir, log, PORT=str(port), AUTH="basic")
+    serve = start_cli("serve", model_dir, detector_dir, log, PORT=str(port), AUTH="basic")
     try:
         wait_for_health(f"http://127.0.0.1:{port}", serve, log.read_text)
         login = json.loads((model_dir / "auth.json").read_text())
@@ -52,7 +51,7 @@ def test_serve_keeps_model_dir_private_and_its_login_out_of_the_log(
                 assert _mode(path) == 0o600, path
     finally:
         serve.send_signal(signal.SIGTERM)
-        _stopped(serve, log)
+        stopped(serve, log)
 
 
 def test_a_model_dir_others_can_read_is_named_in_a_warning_and_left_as_it_is(
