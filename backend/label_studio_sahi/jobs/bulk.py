@@ -19,7 +19,7 @@ from label_studio_sahi import names
 from label_studio_sahi.images.fetch import ImageLoader
 from label_studio_sahi.jobs.queueing import (
     WAITING,
-    ProgressWriter,
+    JobMetaWriter,
     enqueue_lock,
     enqueue_unique,
     job_redis,
@@ -62,7 +62,7 @@ def predict_project(project: str, only_missing: bool = True) -> dict[str, Any]:
     """rq entry point: predict the project's tasks and post the predictions to Label Studio."""
     settings = get_settings()
     bundle = project_bundle(settings, Registry.for_settings(settings, job_redis(settings)), project)
-    progress = ProgressWriter(get_current_job())
+    progress = JobMetaWriter(get_current_job())
     done = failed = skipped = 0
     with StudioClient.from_settings(settings) as studio, ImageLoader(settings) as loader:
         config = parse_label_config(studio.project(project)["label_config"])

@@ -4,7 +4,7 @@
   finished or failed one makes room for the next.
 * ``job_redis``: the Redis a job runs against (its worker's, or ``REDIS_URL`` / the
   embedded server when called outside rq).
-* ``ProgressWriter``: a job's progress in its ``meta``, written at most every few seconds.
+* ``JobMetaWriter``: a job's progress in its ``meta``, written at most every few seconds.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def job_redis(settings: Settings) -> redis.Redis:
     return connect(ensure_redis(settings.redis_url, settings.model_dir)[0])
 
 
-class ProgressWriter:
+class JobMetaWriter:
     """Writes a job's progress into its ``meta`` (``rq info``, ``Job.fetch(id).meta``),
     at most every ``PROGRESS_EVERY`` seconds unless forced; a no-op outside rq."""
 

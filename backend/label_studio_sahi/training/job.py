@@ -28,7 +28,7 @@ from label_studio_sahi.inference.checkpoints import checkpoint_revision
 from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.inference.onnx_engine import write_onnx
 from label_studio_sahi.inference.sliced import SliceConfig
-from label_studio_sahi.jobs.queueing import ProgressWriter, job_redis
+from label_studio_sahi.jobs.queueing import JobMetaWriter, job_redis
 from label_studio_sahi.labelstudio.client import StudioClient
 from label_studio_sahi.labelstudio.label_config import LabelConfig, parse_label_config
 from label_studio_sahi.names import model_version
@@ -56,7 +56,7 @@ class JobContext:
 
     settings: Settings
     registry: Registry
-    progress: ProgressWriter = field(default_factory=ProgressWriter)
+    progress: JobMetaWriter = field(default_factory=JobMetaWriter)
 
     def step_reporter(self, stage: str) -> Progress:
         """A training-loop callback that writes step, loss and ETA under ``stage``."""
@@ -88,7 +88,7 @@ def train_project(project: str, reason: str = "", run_id: str = "") -> dict[str,
     settings = get_settings()
     job = get_current_job()
     context = JobContext(
-        settings, Registry.for_settings(settings, job_redis(settings)), ProgressWriter(job)
+        settings, Registry.for_settings(settings, job_redis(settings)), JobMetaWriter(job)
     )
     return run_training(context, str(project), reason, run_id or (job.id if job else "manual"))
 
