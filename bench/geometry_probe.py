@@ -30,10 +30,11 @@ from label_studio_sahi.settings import Settings
 from label_studio_sahi.training import candidates, finetune
 from label_studio_sahi.training.dataset import LabelledTask, split_holdout
 from label_studio_sahi.training.evaluate import evaluate_detector
+from testkit import FIXTURES
 from testkit import scenes as data
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = ROOT / "testkit" / "fixtures" / "models" / "source-base"
+BASE = FIXTURES / "source-base"
 CONFIG = (
     ROOT / "plugin" / "label_studio_sahi_plugin" / "templates" / "boxes_and_scenes.xml"
 ).read_text()

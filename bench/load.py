@@ -33,11 +33,11 @@ from label_studio_sahi.serving.state import Service
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.versions.bundles import load_base_bundle
 from label_studio_sahi.versions.registry import Registry
+from testkit import FIXTURES
 from testkit.servers import start_uvicorn, stop_uvicorn
 from testkit.tiny_models import draw_scene
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "testkit" / "fixtures" / "models"
 CONFIG = """<View><Image name="image" value="$image"/>
 <RectangleLabels name="label" toName="image">
 <Label value="Vehicle" predicted_values="car"/><Label value="Person"/></RectangleLabels>

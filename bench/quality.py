@@ -60,11 +60,12 @@ from label_studio_sahi.versions.bundles import (
     version_bundle,
 )
 from label_studio_sahi.versions.registry import Registry
+from testkit import FIXTURES
 from testkit import scenes as data
 from testkit.fake_studio import FakeStudio
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMITTED_BASE = ROOT / "testkit" / "fixtures" / "models" / "source-base"
+COMMITTED_BASE = FIXTURES / "source-base"
 TAG = parse_label_config(data.LABEL_CONFIG).rectangles[0]
 
 

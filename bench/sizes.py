@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-FIXTURE = Path(__file__).resolve().parents[1] / "testkit" / "fixtures" / "models" / "tiny-cond-detr"
+from testkit import FIXTURES
+
+FIXTURE = FIXTURES / "tiny-cond-detr"
 CONFIG = (
     '<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
     '<Label value="car"/><Label value="person"/></RectangleLabels></View>'

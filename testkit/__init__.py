@@ -1,8 +1,12 @@
 """What the tests and the benchmarks both stand on, importable by either and importing neither.
 
 ``fake_studio`` (a Label Studio stand-in over real HTTP), ``servers`` (uvicorn servers and
-test settings), ``tiny_models`` (small seeded DETR-family and ViT checkpoints, the committed
-ones under ``fixtures/models``), ``scenes`` (the learning benchmark's synthetic large images,
+test settings), ``tiny_models`` (small seeded DETR-family and ViT checkpoints; the committed
+ones are test data, under ``tests/fixtures/models``: ``FIXTURES``), ``scenes`` (the learning benchmark's synthetic large images,
 their Label Studio export and the source-domain base), ``sahi_reference`` (sahi run the way
 the parity tests compare against).
 """
+
+from pathlib import Path
+
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "models"

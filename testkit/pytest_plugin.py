@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 
 from label_studio_sahi.settings import Settings
-from testkit import tiny_models
+from testkit import FIXTURES, tiny_models
 from testkit.scenes import train_source_base
-
-FIXTURES = Path(__file__).parent / "fixtures" / "models"
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +25,7 @@ def no_env_leaks(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def cached_model(cache: pytest.Cache, name: str, build: Callable[[Path], Path]) -> Path:
-    """The committed checkpoint ``testkit/fixtures/models/<name>`` (seeded, built by
+    """The committed checkpoint ``tests/fixtures/models/<name>`` (seeded, built by
     ``python -m testkit.tiny_models``), so every machine tests the same model whatever its
     speed; without it, build once per version of tiny_models.py into pytest's cache."""
     if (FIXTURES / name / "config.json").is_file():

@@ -44,6 +44,8 @@ from transformers import (
     ViTImageProcessor,
 )
 
+from testkit import FIXTURES
+
 DETECTOR_CLASSES = ("car", "person")
 CLASS_COLOURS = {"car": (220, 30, 30), "person": (30, 60, 220)}
 SCENE_CLASSES = ("street", "beach")
@@ -340,4 +342,4 @@ def build_fixtures(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    build_fixtures(Path(__file__).resolve().parent / "fixtures" / "models")
+    build_fixtures(FIXTURES)
