@@ -16,7 +16,6 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,14 +29,12 @@ from label_studio_sahi.settings import Settings
 from label_studio_sahi.training import candidates, finetune
 from label_studio_sahi.training.dataset import LabelledTask, split_holdout
 from label_studio_sahi.training.evaluate import evaluate_detector
+from label_studio_sahi_plugin.connect import template
 from testkit import FIXTURES
 from testkit import scenes as data
 
-ROOT = Path(__file__).resolve().parents[1]
 BASE = FIXTURES / "source-base"
-CONFIG = (
-    ROOT / "plugin" / "label_studio_sahi_plugin" / "templates" / "boxes_and_scenes.xml"
-).read_text()
+CONFIG = template("boxes-scenes")  # the e2e's labeling config
 TAG = parse_label_config(CONFIG).rectangles[0]
 LABEL_OF = {"car": "Vehicle", "truck": "Vehicle", "person": "Person"}
 GROUNDS = [(128, 128, 128), (215, 190, 120)]

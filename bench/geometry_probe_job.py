@@ -32,13 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patch", default="")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    config = (
-        gp.ROOT / "plugin" / "label_studio_sahi_plugin" / "templates" / "boxes_and_scenes.xml"
-    ).read_text()
-    data.LABEL_CONFIG = config
+    data.LABEL_CONFIG = gp.CONFIG
     data.LABEL_OF = dict(gp.LABEL_OF)
     data.LABELS = ("Vehicle", "Person")
-    data.export_result = functools.partial(data.export_result, config=config, label_of=gp.LABEL_OF)
+    data.export_result = functools.partial(
+        data.export_result, config=gp.CONFIG, label_of=gp.LABEL_OF
+    )
     q.TAG = gp.TAG
     if args.patch == "relabelfirst":
         finetune._relabelled = (

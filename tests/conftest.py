@@ -20,9 +20,9 @@ from label_studio_sahi.versions.bundles import ModelBundle
 from testkit import tiny_models
 from testkit.fake_studio import FakeStudio
 from testkit.pytest_plugin import cached_model, no_env_leaks, source_base_dir
+from testkit.servers import LEGACY_TOKEN
 
 __all__ = ["no_env_leaks", "source_base_dir"]  # fixtures: pytest finds them here
-from testkit.servers import LEGACY_TOKEN
 
 
 @pytest.fixture(scope="session")

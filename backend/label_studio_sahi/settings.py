@@ -30,7 +30,7 @@ from label_studio_sahi.errors import BackendError
 # settings never import the geometry.
 MergeType = Literal["NMS", "NMM", "GREEDYNMM"]
 MatchMetric = Literal["IOU", "IOS"]
-# What runs the detector's forward pass (engine.py): `auto` is ONNX Runtime on a CPU and
+# What runs the detector's forward pass (inference.onnx_engine): `auto` is ONNX Runtime on a CPU and
 # PyTorch on CUDA.
 Engine = Literal["auto", "torch", "onnxruntime"]
 # The smallest MAX_REQUEST_BYTES accepted: below it, ordinary /setup and /predict bodies (a

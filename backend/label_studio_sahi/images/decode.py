@@ -46,9 +46,6 @@ _truncation_lock = threading.Lock()
 _seen_lenient_pil = False
 
 
-# --- decoding -------------------------------------------------------------------------
-
-
 def decode_image(data: bytes, settings: Settings) -> Image.Image:
     """Decode image bytes into an RGB image, enforcing every image limit of ``settings``.
 
@@ -358,6 +355,3 @@ def size_text(n_bytes: int) -> str:
     if n_bytes >= 2**10:
         return f"{n_bytes / 2**10:.1f} KiB"
     return f"{n_bytes} bytes"
-
-
-# --- local files ----------------------------------------------------------------------

@@ -65,6 +65,9 @@ PRESIGN_PATH = re.compile(r"/tasks/\d+/presign/?")
 _MAX_SHOWN_URL = 200
 
 
+# --- local files ----------------------------------------------------------------------
+
+
 def _read_file(path: Path, shown: str, settings: Settings) -> bytes:
     """Read at most MAX_IMAGE_BYTES from a regular file; ``shown`` names it in errors."""
     limit = settings.max_image_bytes

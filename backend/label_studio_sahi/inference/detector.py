@@ -77,7 +77,7 @@ def _native_size(processor: Any, images: Sequence[np.ndarray]) -> dict[str, int]
 
 # Windows per forward pass when WINDOW_BATCH_SIZE is auto. On a CPU a batch is no faster
 # than its windows one by one, and costs memory and time: a DETR-R50 over 41 windows took
-# about 30 % longer and 1 GB more at batch 8 than at 1 (speed issue, 2-core CPU). On a
+# about 30 % longer and 1 GB more at batch 8 than at 1 (bench/LOG.md, "window_batch"; 2-core CPU). On a
 # GPU batches keep the device busy: as many as half the free memory holds, measured.
 CPU_WINDOW_BATCH = 1
 MAX_CUDA_WINDOW_BATCH = 32
@@ -96,7 +96,7 @@ class Detector(PretrainedModel):
     SETTING = "DETECTOR_MODEL"
 
     # ONNX Runtime in place of the PyTorch forward (DETECTOR_ENGINE=onnxruntime, see
-    # engine.py); the PyTorch model stays loaded: training and the fallback use it.
+    # inference.onnx_engine); the PyTorch model stays loaded: training and the fallback use it.
     runner: OnnxRunner | None = None
     _cuda_batch: int | None = None
 

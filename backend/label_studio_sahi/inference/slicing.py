@@ -268,15 +268,7 @@ def _transitive_groups(
     n = matches.shape[0]
     rank = torch.empty(n, dtype=torch.int64)
     rank[torch.tensor(order, dtype=torch.int64)] = torch.arange(n)
-    # A box may claim those ranked after it (lower score, or equal score sorting later,
-    # or an exact duplicate of it).
-    scores = det.scores.cpu()
-    boxes = det.boxes.cpu()
-    same_score = scores[:, None] == scores[None, :]
-    duplicate = same_score & (boxes[:, None, :] == boxes[None, :, :]).all(dim=2)
-    dominates = (rank[:, None] < rank[None, :]) | duplicate
-    dominates.fill_diagonal_(False)
-    candidates = matches & dominates
+    scores, boxes = det.scores.cpu(), det.boxes.cpu()
     keeper_of = [-1] * n
     groups: dict[int, list[int]] = {}
     for idx in order:
@@ -284,7 +276,13 @@ def _transitive_groups(
             keeper_of[idx] = idx
             groups[idx] = []
         keeper = keeper_of[idx]
-        for other in candidates[idx].nonzero().flatten().tolist():
+        others = matches[idx].nonzero().flatten()
+        others = others[others != idx]
+        # A box may claim those ranked after it (lower score, or equal score sorting later),
+        # or an exact duplicate of it. Row by row, as the matches are: no N x N temporaries.
+        later = rank[others] > rank[idx]
+        duplicate = (scores[others] == scores[idx]) & (boxes[others] == boxes[idx]).all(dim=1)
+        for other in others[later | duplicate].tolist():
             if keeper_of[other] < 0:
                 keeper_of[other] = keeper
                 groups[keeper].append(other)

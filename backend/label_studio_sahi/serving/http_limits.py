@@ -36,7 +36,7 @@ from label_studio_sahi.settings import Settings
 # Seconds an idle kept-alive connection stays open between requests (uvicorn's default).
 KEEP_ALIVE_SECONDS = 5.0
 # Set in a request's ASGI scope when BODY_DEADLINE cut it: the app, which then sees the
-# client disconnect, can tell a deadline from a client that left (server.py logs which).
+# client disconnect, can tell a deadline from a client that left (serving.routes logs which).
 BODY_TIMED_OUT = "label_studio_sahi.body_timed_out"
 
 

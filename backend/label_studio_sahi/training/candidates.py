@@ -23,7 +23,7 @@ from label_studio_sahi.training.dataset import (
     jittered_window,
     training_windows,
 )
-from label_studio_sahi.training.evaluate import GATE_METRIC, HeldOutScore, evaluate_detector
+from label_studio_sahi.training.evaluate import HeldOutScore, evaluate_detector
 from label_studio_sahi.training.finetune import (
     CLASSIFIER_HEADS,
     DETECTOR_HEADS,
@@ -35,6 +35,7 @@ from label_studio_sahi.training.finetune import (
     train_detector,
     training_steps,
 )
+from label_studio_sahi.training.gate import GATE_METRIC
 
 
 @dataclass

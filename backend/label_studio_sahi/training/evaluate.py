@@ -42,6 +42,8 @@ __all__ = [
 
 Box = tuple[float, float, float, float]
 
+EVAL_SCORE_THRESHOLD = 0.05  # mAP needs the low-score tail of the precision-recall curve
+
 
 def _coco(dataset: dict[str, Any]) -> COCO:
     coco = COCO()
@@ -72,11 +74,11 @@ def in_project_labels(
     are mapped by ``tag.label_for``; boxes of a class the project has no label for are
     dropped."""
     labels = list(tag.labels)
-    names = (id2label[int(c)] for c in found.labels.tolist())
-    index = [
-        labels.index(label) if label in labels else None
-        for label in (name if own_labels else tag.label_for(name) for name in names)
-    ]
+    index: list[int | None] = []
+    for class_id in found.labels.tolist():
+        name = id2label[int(class_id)]
+        label = name if own_labels else tag.label_for(name)
+        index.append(labels.index(label) if label in labels else None)
     keep = [i for i, k in enumerate(index) if k is not None]
     return Detections(
         found.boxes[keep], found.scores[keep], found.labels.new_tensor([index[i] for i in keep])
@@ -376,10 +378,6 @@ def classification_accuracy(predicted: Sequence[str | None], truth: Sequence[str
     if not truth:
         return 0.0
     return sum(p is not None and p == t for p, t in zip(predicted, truth, strict=True)) / len(truth)
-
-
-EVAL_SCORE_THRESHOLD = 0.05  # mAP needs the low-score tail of the precision-recall curve
-GATE_METRIC = "map_50"  # what promotion compares: a box found at IoU 0.5 is one not drawn
 
 
 @dataclass

@@ -14,13 +14,14 @@ from label_studio_sahi.inference.classifier import Classifier
 from label_studio_sahi.inference.detector import Detector
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.training.evaluate import (
-    GATE_METRIC,
     HeldOutScore,
     bootstrap_fewer,
     corrections,
     paired_bootstrap,
     sign_test_fewer,
 )
+
+GATE_METRIC = "map_50"  # what promotion compares: a box found at IoU 0.5 is one not drawn
 
 
 @dataclass
@@ -44,13 +45,14 @@ def judge(
     its corrections at the serving ``threshold``, how surely the candidate's mAP gain holds
     over bootstrap draws of the images, and on a tie how surely it leaves fewer corrections
     (bootstrap and sign test)."""
-    out: dict[str, Any] = {"candidate": candidate.metrics, "live": live.metrics}
     fixes = {
         side: corrections(scored.predictions, scored.truths, threshold)
         for side, scored in (("candidate", candidate), ("live", live))
     }
-    for side, counts in fixes.items():
-        out[side]["corrections"] = sum(counts)
+    out: dict[str, Any] = {
+        "candidate": {**candidate.metrics, "corrections": sum(fixes["candidate"])},
+        "live": {**live.metrics, "corrections": sum(fixes["live"])},
+    }
     gain = candidate.metrics[GATE_METRIC] - live.metrics[GATE_METRIC]
     resample = settings.promote_confidence > 0
     # Re-drawing the held-out images only matters for a gain the gate would weigh.

@@ -26,7 +26,7 @@ from PIL import Image
 from stack import Stack, job_done, stack_settings, start_stack, start_worker, wait_for
 
 from label_studio_sahi.errors import ImageTooLarge
-from label_studio_sahi.images import decode as images_module
+from label_studio_sahi.images import decode as decoding
 from label_studio_sahi.images.fetch import ImageLoader
 from label_studio_sahi.jobs.trigger import TrainingTrigger
 from label_studio_sahi.serving.pipeline import RequestImages
@@ -156,14 +156,14 @@ def test_images_over_the_request_budget_are_refused_before_any_pixel_is_decoded(
         _png_file(tmp_path / f"big{i}.png", (3000, 3000))
     _png_file(tmp_path / "small.png", (400, 300))
     decoded: list[int] = []
-    real_decode = images_module.decode_pixels
+    real_decode = decoding.decode_pixels
 
     def counted(data: bytes, settings: Any) -> np.ndarray:
         pixels = real_decode(data, settings)
         decoded.append(pixels.shape[0] * pixels.shape[1])
         return pixels
 
-    monkeypatch.setattr(images_module, "decode_pixels", counted)
+    monkeypatch.setattr(decoding, "decode_pixels", counted)
     settings = make_settings(local_files_document_root=tmp_path, max_request_pixels=1_000_000)
     with ImageLoader(settings) as loader:
         budget = RequestImages(loader.load_encoded, settings.max_request_pixels)

@@ -1,6 +1,6 @@
 """Label Studio authentication: legacy tokens, personal access tokens and their refresh.
 
-``LabelStudioAuth`` (``studio_auth.py``) sends a legacy token as ``Token <key>``; a personal
+``LabelStudioAuth`` (``labelstudio.tokens``) sends a legacy token as ``Token <key>``; a personal
 access token (a JWT refresh token) is exchanged at ``/api/token/refresh`` for a short-lived
 bearer token, cached, refreshed before it expires or once after a 401, and never sent to
 another origin. Driven through ``ImageLoader`` and plain httpx clients against the fake
