@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
 import tempfile
 import threading
 import time
@@ -19,6 +22,15 @@ from label_studio_sahi.settings import Settings
 LEGACY_TOKEN = "a" * 20 + "0123456789abcdef0123"
 
 
+@functools.cache
+def _model_dirs() -> Path:
+    """One folder per test process for every model_dir it hands out, removed at exit: a
+    test run leaves nothing behind in the system's temporary folder."""
+    base = Path(tempfile.mkdtemp(prefix="ls-sahi-models-"))
+    atexit.register(shutil.rmtree, base, ignore_errors=True)
+    return base
+
+
 def make_settings(**overrides: Any) -> Settings:
     """Settings for tests: 128 px windows (the tiny models' scale), no env, no .env file."""
     values: dict[str, Any] = {
@@ -30,7 +42,7 @@ def make_settings(**overrides: Any) -> Settings:
         # Tests serve on loopback: auth stays off unless a test asks for it (test_auth.py).
         "host": "127.0.0.1",
         # Never the user's real MODEL_DIR (~/.local/share/label-studio-sahi).
-        "model_dir": Path(tempfile.mkdtemp(prefix="ls-sahi-models-")),
+        "model_dir": Path(tempfile.mkdtemp(dir=_model_dirs())),
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
