@@ -281,8 +281,12 @@ class Settings(BaseSettings):
     train_min_steps: int = Field(
         200, ge=1, description="Fewest optimizer steps per job, however few the windows."
     )
+    # 5000 gives 100 labels of the benchmark (about 6,000 windows at 128 px) their 3 passes;
+    # at 2000 the rounds at 50 and 100 labels rose on 1 seed of 3, at 5000 on 2 (bench/LOG.md,
+    # "Geometry"). A 4,500-step job of the tiny model takes about 8 minutes on a shared CPU
+    # core: lower it on a CPU-only worker if a round must be quick.
     train_steps: int = Field(
-        2000, ge=1, description="Most optimizer steps per job, however many the windows."
+        5000, ge=1, description="Most optimizer steps per job, however many the windows."
     )
     train_batch_size: int = Field(4, ge=1, description="Training windows per step.")
     learning_rate: float = Field(
