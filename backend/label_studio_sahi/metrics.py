@@ -28,3 +28,8 @@ MODEL_INFO = Gauge(
     "1 for the model version each project is served with.",
     ["project", "model_version"],
 )
+STORE_ERRORS = Counter(
+    "ls_sahi_store_errors_total",
+    "Object store (MODEL_STORE) calls that failed, and downloads that failed their checksums.",
+    ["operation"],
+)

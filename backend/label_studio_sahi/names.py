@@ -17,6 +17,8 @@ from pathlib import Path
 # an import error).
 TRAIN_JOB = "label_studio_sahi.training.job.train_project"
 BULK_JOB = "label_studio_sahi.jobs.bulk.predict_project"
+# One chunk of a bulk run (BULK_CHUNK_TASKS tasks), queued by BULK_JOB's planner.
+BULK_CHUNK_JOB = "label_studio_sahi.jobs.bulk.predict_chunk"
 
 # Default queue names (settings TRAIN_QUEUE / PREDICT_QUEUE): workers listen by name, so
 # a worker and a server that disagree never meet.
@@ -34,6 +36,13 @@ def train_job_id(project: str) -> str:
 def bulk_job_id(project: str) -> str:
     """The one bulk-prediction job id a project has (same rule as ``train_job_id``)."""
     return f"ls-sahi-predict-{project}"
+
+
+def bulk_chunk_job_id(project: str, run: str, index: int) -> str:
+    """Chunk ``index`` of bulk run ``run`` (hex, no '-') of a project. Its own prefix, and
+    run and index read from the right, so it never equals another project's job id or
+    chunk; renaming it loses track of a run's chunks still queued."""
+    return f"ls-sahi-bulk-{project}-{run}-{index}"
 
 
 # --- Redis keys and channels -------------------------------------------------------------
@@ -59,6 +68,9 @@ CLASSIFIER_DIR = "classifier"
 META_FILE = "meta.json"
 CURVES_FILE = "curves.png"
 VERSION_DIR = re.compile(r"^v(\d+)$")
+# In an object store (MODEL_STORE), beside a version's files under the same layout: the
+# list of them with sizes and checksums, written last. A version without one is invisible.
+MANIFEST_FILE = "manifest.json"
 # Unfinished writes and deletions: never listed, cleaned by the next run.
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"

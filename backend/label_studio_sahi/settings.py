@@ -103,6 +103,21 @@ class Settings(BaseSettings):
         Path("~/.local/share/label-studio-sahi").expanduser(),
         description="Checkpoints, the embedded Redis socket and job files live here.",
     )
+    model_store: str = Field(
+        "",
+        description="Where versions live for several machines: s3://bucket/prefix on any "
+        "S3-compatible store (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID... configure the client); "
+        "empty: MODEL_DIR itself.",
+    )
+    model_cache_bytes: int = Field(
+        10 * 1024**3,
+        ge=0,
+        description="With MODEL_STORE: bytes of downloaded versions kept under MODEL_DIR (the "
+        "live ones are always kept).",
+    )
+    store_timeout_seconds: float = Field(
+        10.0, gt=0, description="Connect and read timeout of each object store call."
+    )
     device: str = Field(
         "auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'..."
     )
@@ -250,6 +265,12 @@ class Settings(BaseSettings):
     )
     train_queue: str = Field(names.TRAIN_QUEUE, description="rq queue of fine-tuning jobs.")
     predict_queue: str = Field(names.PREDICT_QUEUE, description="rq queue of bulk prediction jobs.")
+    bulk_chunk_tasks: int = Field(
+        50,
+        ge=1,
+        description="Tasks per bulk-prediction job: a project's tasks are split into jobs of "
+        "this many, which free workers take (each loads the models once).",
+    )
     job_timeout: int = Field(
         6 * 3600, ge=60, description="Seconds a job may run before rq stops it."
     )
@@ -373,6 +394,15 @@ class Settings(BaseSettings):
     def _auto_is_none(cls, value: object) -> object:
         if isinstance(value, str) and value.strip().lower() in {"", "auto", "none"}:
             return None
+        return value
+
+    @field_validator("model_store")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        if value:
+            from label_studio_sahi.versions.store import StoreLocation
+
+            StoreLocation.parse(value)  # a clear error at start, not at the first publish
         return value
 
     @property

@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from tqdm import tqdm
 
 from label_studio_sahi import names
@@ -245,7 +245,7 @@ def render(service: Service, project: str, token: str, query: dict[str, str] | N
         f'<figure><img src="/ui/{project}/{html.escape(v.name)}/{names.CURVES_FILE}" alt="loss curves of '
         f'{html.escape(v.name)}"><figcaption>{html.escape(v.name)}</figcaption></figure>'
         for v in versions[:4]
-        if (v.path / names.CURVES_FILE).is_file()
+        if registry.has_file(v, names.CURVES_FILE)
     )
     return f"""<!doctype html><html><head><meta charset="utf-8">{head}
 <title>label-studio-sahi · project {project}</title><style>{STYLE}</style>
@@ -310,7 +310,8 @@ class PreviewModels:
                 self._bundles.move_to_end(version.model_version)
                 return found
         # Boxes only: a version without its own classifier previews without one.
-        loaded = load_version_bundle(version, lambda: None, service.settings)
+        local = service.registry.local(version)  # with MODEL_STORE: downloaded, verified
+        loaded = load_version_bundle(local, lambda: None, service.settings)
         with self._lock:
             self._bundles[version.model_version] = loaded
             while len(self._bundles) > PREVIEW_MODELS:
@@ -379,16 +380,20 @@ async def preview_image(request: Request, project: str) -> Response:
 
 
 @router.get(f"/ui/{{project}}/{{version}}/{names.CURVES_FILE}")
-async def curves(request: Request, project: str, version: str) -> FileResponse:
+async def curves(request: Request, project: str, version: str) -> Response:
     service, pid = _service(request), project_id(project)
+
+    def read() -> bytes | None:
+        # From this disk, or (MODEL_STORE) that one file from the store, checked.
+        return service.registry.read_file(service.registry.get(pid, version), names.CURVES_FILE)
+
     try:
-        found = await _work(request).run(lambda: service.registry.get(pid, version))
+        data = await _work(request).run(read)
     except VersionNotFound:
         raise NotFound(f"project {project} has no version {version}") from None
-    path = found.path / names.CURVES_FILE
-    if not path.is_file():
+    if data is None:
         raise NotFound(f"version {version} has no loss curves")
-    return FileResponse(path, media_type="image/png")
+    return Response(data, media_type="image/png")
 
 
 @router.post("/ui/{project}/live")

@@ -289,13 +289,18 @@ async def _body(request: Request) -> Any:
 @router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
     """Up while it can predict (Label Studio's check); ``degraded`` names what it cannot do
-    now: with Redis unreachable, predictions go on but training, hot swaps and bulk jobs wait."""
+    now: with Redis unreachable, predictions go on but training, hot swaps and bulk jobs wait;
+    with the object store (MODEL_STORE) unreachable, the versions cached here serve and new
+    ones wait."""
     service = _service(request)
     degraded = []
     if service.redis is not None and not await anyio.to_thread.run_sync(
         _redis_answers, service.redis
     ):
         degraded.append("redis")
+    store = service.registry.store
+    if store is not None and not await anyio.to_thread.run_sync(store.ping):
+        degraded.append("store")  # serving from the versions cached on this disk
     answer = {"status": "UP", "model_class": MODEL_CLASS, "model_version": service.base_version}
     return {**answer, "degraded": degraded} if degraded else answer
 

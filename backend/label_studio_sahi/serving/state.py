@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,8 +32,12 @@ from label_studio_sahi.versions.bundles import (
     load_version_bundle,
 )
 from label_studio_sahi.versions.registry import Registry, Version, VersionNotFound
+from label_studio_sahi.versions.store import StoreCorrupt, StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+FETCH_RETRY_MIN = 1.0  # seconds before a failed download of a live version is tried again,
+FETCH_RETRY_MAX = 60.0  # doubling each time up to this
 
 
 class Service:
@@ -58,6 +63,8 @@ class Service:
         self._predictors: OrderedDict[str, Predictor] = OrderedDict()  # project -> fine-tuned
         self._unloaded: set[str] = set()  # projects whose live version was unloaded
         self._refused: dict[str, str] = {}  # project -> version that failed to load
+        # (project, version) -> (monotonic time of the next try, the delay before it)
+        self._fetch_retry: dict[tuple[str, str], tuple[float, float]] = {}
         self._lock = threading.Lock()
         self._swap_lock = threading.Lock()
         self._watcher = (
@@ -186,6 +193,8 @@ class Service:
         try:
             version = self.registry.get(project, wanted)
         except VersionNotFound:
+            if not self.registry.store_ok:
+                return  # listed from the cache while the store is down: asked again later
             if self._refused.get(project) != wanted:
                 log.error(
                     "version_refused project=%s version=%s error=not_on_disk keeps=%s",
@@ -196,6 +205,8 @@ class Service:
             self._refused[project] = wanted
             return
         if current.bundle.version == version.model_version or self._refused.get(project) == wanted:
+            return
+        if not self._fetched(version, current.bundle.version):
             return
         bundle = self._loadable(version)
         fallback = bundle is None
@@ -232,11 +243,33 @@ class Service:
             bundle.version,
         )
 
+    def _fetched(self, version: Version, serving: str) -> bool:
+        """Whether ``version``'s files are on this disk (with MODEL_STORE: downloaded and
+        verified now). A store that does not answer, or a copy that fails its checksums,
+        keeps the current version serving; it is tried again with a backoff that doubles
+        up to ``FETCH_RETRY_MAX`` seconds, since a store comes back and an upload completes."""
+        key = (version.project, version.name)
+        wait_until, delay = self._fetch_retry.get(key, (0.0, 0.0))
+        if time.monotonic() < wait_until:
+            return False
+        try:
+            self.registry.local(version)
+        except (StoreUnavailable, StoreCorrupt) as exc:
+            delay = min(max(2 * delay, FETCH_RETRY_MIN), FETCH_RETRY_MAX)
+            self._fetch_retry[key] = (time.monotonic() + delay, delay)
+            log.error(
+                "version_fetch_failed project=%s version=%s error=%s keeps=%s retry_in=%.0fs",
+                version.project, version.name, exc.code, serving, delay,
+            )  # fmt: skip
+            return False
+        self._fetch_retry.pop(key, None)
+        return True
+
     def _loadable(self, version: Version) -> ModelBundle | None:
         """The version's models, loaded and checked; None (logged) when they do not load."""
         try:
             bundle = load_version_bundle(
-                version, lambda: self.base.bundle.classifier, self.settings
+                self.registry.local(version), lambda: self.base.bundle.classifier, self.settings
             )
             check_bundle(bundle)
         except Exception as exc:

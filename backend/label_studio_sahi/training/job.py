@@ -302,7 +302,9 @@ def publish(
         detector = candidates.detector if better_boxes else parent.detector
         classifier = candidates.classifier if better_classes else None
         if classifier is None and live_name is not None:
-            own = ctx.registry.get(project, live_name).path / names.CLASSIFIER_DIR
+            own = (
+                ctx.registry.local(ctx.registry.get(project, live_name)).path / names.CLASSIFIER_DIR
+            )
             classifier = parent.classifier if own.is_dir() else None
     else:  # kept for inspection, never served
         detector = candidates.detector or parent.detector

@@ -82,17 +82,20 @@ def load_version_bundle(
 
 
 def live_version(registry: Registry, project: str) -> Version | None:
-    """The project's live version, or None for the base models: also when the live pointer
-    names a version this MODEL_DIR does not hold (deleted, or another volume), so that
-    serving and training agree on what is live."""
+    """The project's live version, on this machine's disk, or None for the base models: also
+    when the live pointer names a version the registry does not hold (deleted, or another
+    volume), so that serving and training agree on what is live. With ``MODEL_STORE``, a
+    version the store cannot give (down, corrupt) raises: a job must not quietly run on
+    the base models instead."""
     live = registry.live(project)
     if not live:
         return None
     try:
-        return registry.get(project, live)
+        version = registry.get(project, live)
     except VersionNotFound:
         log.warning("live_version_missing project=%s version=%s using=base", project, live)
         return None
+    return registry.local(version)
 
 
 def version_bundle(settings: Settings, version: Version | None) -> ModelBundle:
