@@ -2,7 +2,8 @@
 
 rq stores a job's function as a dotted path (``label_studio_sahi.bulk_predict.predict_project``
 until the package took subpackages); a job queued then must still run after an upgrade.
-New jobs are enqueued under ``names.BULK_JOB``, the new path.
+It now plans a run: its tasks in chunk jobs, pinned to the version live when it starts
+(it was queued with no version). New jobs are enqueued under ``names.BULK_JOB``.
 """
 
 from label_studio_sahi.jobs.bulk import predict_project

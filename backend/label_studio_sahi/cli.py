@@ -189,7 +189,10 @@ def cmd_predict_project(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _url, client, _server = _redis(settings)
     job = enqueue_bulk(client, settings, project, only_missing=not args.all)
-    print(json.dumps({"job": job.id, "status": str(job.get_status())}), flush=True)
+    # The run's status: a run reused while its chunks go on has a finished planner.
+    print(
+        json.dumps({"job": job.id, "status": job_progress(client, project)["status"]}), flush=True
+    )
     if not args.wait:
         return 0
     state = follow(lambda: job_progress(client, project), show_bulk, "predicting", sys.stdout)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from label_studio_sahi import names
 from label_studio_sahi.errors import BadRequest, NotFound
+from label_studio_sahi.jobs.bulk import job_progress
 from label_studio_sahi.jobs.queueing import job_state
 from label_studio_sahi.labelstudio.client import StudioClient, project_id
 from label_studio_sahi.labelstudio.label_config import LabelConfig, parse_label_config
@@ -221,7 +222,7 @@ def render(service: Service, project: str, token: str, query: dict[str, str] | N
     assert service.redis is not None
     jobs = {
         "training": job_state(service.redis, names.train_job_id(project)),
-        "bulk prediction": job_state(service.redis, names.bulk_job_id(project)),
+        "bulk prediction": job_progress(service.redis, project),  # its chunks added up
     }
     busy = any(
         j.get("status") in ("queued", "started", "deferred", "scheduled") for j in jobs.values()

@@ -410,12 +410,14 @@ async def bulk_predict(request: Request) -> JSONResponse:
     service = _service(request)
     if service.redis is None:
         raise BadRequest(NEEDS_REDIS)
-    job = await anyio.to_thread.run_sync(
-        enqueue_bulk, service.redis, _settings(request), project_id(body.project), body.only_missing
-    )
-    return JSONResponse(
-        {"job": job.id, "status": str(job.get_status(refresh=False))}, status_code=202
-    )
+    client, pid = service.redis, project_id(body.project)
+
+    def enqueue() -> dict[str, Any]:
+        job = enqueue_bulk(client, _settings(request), pid, body.only_missing)
+        # The run's status, not its planner's: a reused run whose planner is done still runs.
+        return {"job": job.id, "status": job_progress(client, pid)["status"]}
+
+    return JSONResponse(await anyio.to_thread.run_sync(enqueue), status_code=202)
 
 
 @router.get("/bulk-predict/{project}")
