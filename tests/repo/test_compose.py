@@ -33,6 +33,11 @@ NON_SETTINGS_ENV = {
     "CUDA_VISIBLE_DEVICES",
     "NVIDIA_VISIBLE_DEVICES",
     "PYTORCH_CUDA_ALLOC_CONF",
+    # boto3's standard configuration of the object store client (MODEL_STORE)
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_REGION",
 }
 BACKEND_SERVICES = ("backend", "worker")
 
@@ -411,3 +416,20 @@ def test_dockerignore_keeps_secrets_and_caches_out_of_the_build_context() -> Non
     for pattern in (".git", ".env", ".venv", ".pytest_cache"):
         assert pattern in patterns, pattern
     assert not {"README.md", "pyproject.toml", "backend", "plugin"} & patterns
+
+
+def test_the_s3_profile_runs_a_store_the_backend_can_be_pointed_at(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    store = services["seaweedfs"]
+    assert store["profiles"] == ["s3"], "off unless asked for: one machine needs no store"
+    command = store["command"]
+    assert command[0] == "mini" and "-bucket=models" in command
+    assert "ports" not in store, "reached on the compose network only"
+    # The keys it accepts are the ones the backend signs with.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert name in raw_env(store) and name in raw_env(services["backend"])
+    backend = env(services["backend"])
+    assert backend["MODEL_STORE"] == "", "empty by default: MODEL_DIR, as on one machine"
+    assert Settings(_env_file=None, model_store="s3://models/ls-sahi").model_store  # type: ignore[call-arg]
+    assert any(v.startswith("store-data:") for v in store["volumes"])
