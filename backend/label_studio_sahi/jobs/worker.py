@@ -16,7 +16,7 @@ class RequeueingWorker(Worker):
     """rq's ``Worker``, except that a job its cold stop cuts short goes back on its queue
     (at the front) at once: rq alone leaves it "started" until a maintenance pass, a
     minute or more later, declares it abandoned, and then re-runs it only if it has rq
-    ``Retry`` (training jobs do, bulk predictions do not). A stop is not the job's fault,
+    ``Retry`` (training jobs and bulk chunks do). A stop is not the job's fault,
     so it does not use up one of its retries."""
 
     def request_force_stop(self, signum: int, frame: FrameType | None) -> None:
