@@ -182,3 +182,18 @@ def test_with_the_store_down_the_cached_versions_are_listed_and_new_ones_cannot_
         assert server.store_ok is True
     finally:
         s3.stop()
+
+
+def test_two_threads_downloading_one_version_both_get_it_and_one_copy_stays(
+    store_env: SeaweedS3, tmp_path: Path
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    worker = _machine(tmp_path / "worker", store_env, prefix="/f")
+    worker.publish("9", _write(b"w" * 2_000_000), {"status": "accepted"})
+    server = _machine(tmp_path / "server", store_env, prefix="/f")
+    version = server.get("9", "v1")
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda _: server.local(version).path, range(2)))
+    assert got[0] == got[1] and (got[0] / names.DETECTOR_DIR / "model.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "server" / "9").iterdir()) == ["v1"]

@@ -227,7 +227,10 @@ class Registry:
         total = sum(sizes.values())
         live = set()
         if self.redis is not None:
-            live = {self.project_dir(p) / n for p, n in self.live_projects().items()}
+            try:
+                live = {self.project_dir(p) / n for p, n in self.live_projects().items()}
+            except (redis.RedisError, OSError):
+                return  # which versions are live is unknown: evict nothing for now
         for child in sorted(cached, key=lambda c: c.stat().st_mtime):
             if total <= self.cache_bytes:
                 break

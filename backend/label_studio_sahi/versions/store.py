@@ -204,7 +204,12 @@ class ObjectStore:
                 if local.stat().st_size != entry["size"] or sha256_of(local) != entry["sha256"]:
                     metrics.STORE_ERRORS.labels(operation="verify").inc()
                     raise StoreCorrupt(f"{project}/{name}/{path} does not match its manifest")
-            tmp.rename(target)
+            try:
+                tmp.rename(target)
+            except OSError:
+                if not (target / names.META_FILE).is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another thread's copy came first
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
