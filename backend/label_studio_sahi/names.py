@@ -56,6 +56,10 @@ RUN_LOCK_KEY = "ls-sahi:run-lock:{project}"
 # The live version of a project: renaming sends every project back to its base model.
 LIVE_KEY = "ls-sahi:live:{project}"
 LIVE_PATTERN = LIVE_KEY.format(project="*")
+# Its value after a rollback to the base models. No key at all means Redis lost it (a new
+# or flushed Redis): the project then serves its newest accepted version. Before this
+# value existed, a rollback to base deleted the key.
+LIVE_BASE = "base"
 # Announcements of live-version changes: servers on another name only notice by polling.
 LIVE_CHANNEL = "ls-sahi:live"
 

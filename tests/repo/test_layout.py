@@ -127,3 +127,14 @@ def test_unit_tests_mirror_the_package() -> None:
     for folder in (ROOT / "tests" / "unit").iterdir():
         if folder.is_dir() and folder.name != "__pycache__":
             assert (ROOT / "backend" / "label_studio_sahi" / folder.name).is_dir(), folder.name
+
+
+def test_test_file_names_are_unique_across_the_test_folders() -> None:
+    # pytest imports test files by their base name (rootdir-relative, no packages): two
+    # test_x.py in different folders stop the whole collection with "import file mismatch".
+    seen: dict[str, Path] = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")) + sorted(
+        (ROOT / "bench" / "tests").rglob("test_*.py")
+    ):
+        assert path.name not in seen, f"{path} has the name of {seen[path.name]}"
+        seen[path.name] = path

@@ -348,27 +348,44 @@ class Registry:
         return self.redis
 
     def live(self, project: str) -> str | None:
+        """The project's live version; None for the base models. With no pointer in Redis
+        at all (Redis lost or replaced), its newest accepted version, so that a new Redis
+        does not send every project back to its base model."""
         value = self._redis().get(LIVE_KEY.format(project=project))
-        return value.decode() if isinstance(value, bytes) else value
+        if value is None:
+            return self._newest_accepted(project)
+        name = value.decode() if isinstance(value, bytes) else str(value)
+        return None if name == names.LIVE_BASE else name
+
+    def _newest_accepted(self, project: str) -> str | None:
+        accepted = [v for v in self.versions(project) if v.status == "accepted"]
+        return accepted[-1].name if accepted else None
 
     def live_projects(self) -> dict[str, str]:
-        """Every project with a live fine-tuned version: ``{project: version name}``."""
+        """Every project with a live fine-tuned version: ``{project: version name}``
+        (projects without a pointer: their newest accepted version, as ``live``)."""
         client = self._redis()
-        found = {}
+        found: dict[str, str] = {}
+        pointed = set()
         for key in client.scan_iter(LIVE_PATTERN):
             name = key.decode() if isinstance(key, bytes) else key
             value = client.get(name)
+            project = name.rsplit(":", 1)[1]
+            pointed.add(project)
             if value is not None:
-                found[name.rsplit(":", 1)[1]] = (
-                    value.decode() if isinstance(value, bytes) else value
-                )
+                version = value.decode() if isinstance(value, bytes) else value
+                if version != names.LIVE_BASE:
+                    found[project] = version
+        for project in self.projects():
+            if project not in pointed and (newest := self._newest_accepted(project)):
+                found[project] = newest
         return found
 
     def set_live(self, project: str, name: str | None) -> None:
         """Point the project at version ``name`` (None: back to the base model) and announce it."""
         client = self._redis()
         if name is None:
-            client.delete(LIVE_KEY.format(project=project))
+            client.set(LIVE_KEY.format(project=project), names.LIVE_BASE)
         else:
             name = self.get(project, name).name  # refuse a version that does not exist
             client.set(LIVE_KEY.format(project=project), name)

@@ -113,3 +113,21 @@ def test_a_full_disk_while_publishing_leaves_no_half_version(tmp_path: Path) -> 
         registry.publish("3", fills_the_disk, {})
     assert [v.name for v in registry.versions("3")] == ["v1"]
     assert sorted(p.name for p in (tmp_path / "3").iterdir()) == ["v1"]  # no temporary left
+
+
+def test_a_lost_pointer_falls_back_to_the_newest_accepted_version(
+    tmp_path: Path, redis_client: Any
+) -> None:
+    registry = Registry(tmp_path, redis_client)
+    registry.publish("11", _write("a"), {"status": "accepted"})
+    registry.publish("11", _write("b"), {"status": "accepted"})
+    registry.publish("11", _write("c"), {"status": "rejected"})
+    registry.publish("12", _write("d"), {"status": "rejected"})
+    registry.set_live("11", "v1")
+    assert registry.live("11") == "v1"
+    redis_client.delete("ls-sahi:live:11")  # what a new or flushed Redis holds
+    assert registry.live("11") == "v2", "the newest accepted, never a rejected one"
+    assert registry.live("12") is None, "nothing accepted: the base models"
+    assert registry.live_projects() == {"11": "v2"}
+    registry.set_live("11", None)  # a rollback to base is kept as such
+    assert registry.live("11") is None and registry.live_projects() == {}
