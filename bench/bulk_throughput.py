@@ -34,6 +34,7 @@ from label_studio_sahi.jobs.redis_server import EmbeddedRedis, connect
 from label_studio_sahi.settings import Settings
 from testkit import FIXTURES
 from testkit.fake_studio import FakeStudio
+from testkit.servers import settings_env
 from testkit.tiny_models import draw_scene
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,20 +43,8 @@ CONFIG = """<View><Image name="image" value="$image"/>
 <Label value="Vehicle" predicted_values="car"/><Label value="Person"/></RectangleLabels></View>"""
 
 
-def _environment(settings: Settings) -> dict[str, str]:
-    """The settings as a worker process reads them, plus this one's unrelated variables."""
-    env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
-    for name, value in settings:
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        env[name.upper()] = ",".join(value) if isinstance(value, list) else str(value)
-    return {**env, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def _start_workers(settings: Settings, count: int, folder: Path) -> list[subprocess.Popen[bytes]]:
-    env = _environment(settings)
+    env = settings_env(settings)
     return [
         subprocess.Popen(
             [sys.executable, "-m", "label_studio_sahi.cli", "worker", "--name", f"w{i}"],

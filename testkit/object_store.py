@@ -13,6 +13,7 @@ import time
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -75,6 +76,15 @@ class SeaweedS3:
             "MODEL_STORE": self.url,
         }
 
+    def client(self) -> Any:
+        """A boto3 client of it with its key, to put, alter or delete objects directly."""
+        import boto3
+
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
+        )  # fmt: skip
+
     def start(self) -> SeaweedS3:
         if not self.ports:
             self.ports = {
@@ -110,15 +120,9 @@ class SeaweedS3:
         return self
 
     def _serves_bucket(self) -> bool:
-        import boto3
-
-        client = boto3.client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
-            aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
-        )  # fmt: skip
         try:
             httpx.get(self.endpoint, timeout=1)
-            client.head_bucket(Bucket=BUCKET)
+            self.client().head_bucket(Bucket=BUCKET)
         except Exception:
             return False
         return True

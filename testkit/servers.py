@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
 import shutil
 import tempfile
 import threading
@@ -46,6 +47,21 @@ def make_settings(**overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as environment variables, for processes started like a user starts
+    them (workers, servers), plus this process's variables that are not settings."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
+    for name, value in settings:
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        env[name.upper()] = ",".join(value) if isinstance(value, list) else str(value)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 @dataclass

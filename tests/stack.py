@@ -4,7 +4,6 @@ process (``ls-sahi worker``), and the server on real HTTP."""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -23,7 +22,13 @@ from label_studio_sahi.serving.state import Service
 from label_studio_sahi.settings import Settings
 from label_studio_sahi.versions.bundles import load_base_bundle
 from testkit.fake_studio import FakeStudio
-from testkit.servers import LiveServer, make_settings, start_uvicorn, stop_uvicorn
+from testkit.servers import (
+    LiveServer,
+    make_settings,
+    settings_env,
+    start_uvicorn,
+    stop_uvicorn,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,20 +61,6 @@ def stack_settings(
     }
     values.update(overrides)
     return make_settings(**values)
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The settings as environment variables, for processes started like a user starts them."""
-    env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
-    for name, value in settings:
-        if value is None:
-            continue
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        env[name.upper()] = ",".join(value) if isinstance(value, list) else str(value)
-    env["HF_HUB_OFFLINE"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 @dataclass

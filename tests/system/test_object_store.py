@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from label_studio_sahi import names
@@ -34,14 +33,6 @@ def store_env(s3: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> SeaweedS3:
         if key != "MODEL_STORE":
             monkeypatch.setenv(key, value)
     return s3
-
-
-def _bucket(s3: SeaweedS3) -> Any:
-    env = s3.env()
-    return boto3.client(
-        "s3", endpoint_url=s3.endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
-    )  # fmt: skip
 
 
 def _machine(folder: Path, s3: SeaweedS3, redis_client: Any = None, prefix: str = "") -> Registry:
@@ -72,7 +63,7 @@ def test_a_version_published_on_one_machine_is_downloaded_verified_on_another(
     local = server.local(listed[0])
     assert (local.path / names.DETECTOR_DIR / "model.safetensors").read_bytes() == weights
     manifest = json.loads(
-        _bucket(store_env)
+        store_env.client()
         .get_object(Bucket=BUCKET, Key=f"ls-sahi/a/projects/3/v1/{names.MANIFEST_FILE}")["Body"]
         .read()
     )
@@ -89,7 +80,7 @@ def test_a_version_published_on_one_machine_is_downloaded_verified_on_another(
 def test_objects_without_a_manifest_are_no_version_and_the_next_publish_takes_the_name(
     store_env: SeaweedS3, tmp_path: Path
 ) -> None:
-    bucket = _bucket(store_env)
+    bucket = store_env.client()
     # What a worker killed mid-upload leaves: some files of v1, no manifest.
     bucket.put_object(Bucket=BUCKET, Key="ls-sahi/b/projects/4/v1/detector/part", Body=b"x" * 10)
     worker = _machine(tmp_path / "worker", store_env, prefix="/b")
@@ -110,7 +101,7 @@ def test_an_altered_object_is_refused_and_leaves_nothing_on_disk(
     worker = _machine(tmp_path / "worker", store_env, prefix="/c")
     worker.publish("5", _write(b"good weights"), {"status": "accepted"})
     key = "ls-sahi/c/projects/5/v1/detector/model.safetensors"
-    _bucket(store_env).put_object(Bucket=BUCKET, Key=key, Body=b"evil weights")
+    store_env.client().put_object(Bucket=BUCKET, Key=key, Body=b"evil weights")
 
     server = _machine(tmp_path / "server", store_env, prefix="/c")
     with pytest.raises(StoreCorrupt, match="does not match its manifest"):
@@ -119,7 +110,7 @@ def test_an_altered_object_is_refused_and_leaves_nothing_on_disk(
     assert not (folder / "v1").exists()
     assert [p.name for p in folder.iterdir()] == [], "no temporary folder is left either"
 
-    _bucket(store_env).delete_object(Bucket=BUCKET, Key=key)
+    store_env.client().delete_object(Bucket=BUCKET, Key=key)
     with pytest.raises(StoreCorrupt, match=r"lacks model\.safetensors"):
         server.local(server.get("5", "v1"))
 
@@ -135,7 +126,7 @@ def test_pruning_deletes_from_the_store_for_every_machine(
     server = _machine(tmp_path / "server", store_env, prefix="/d")
     assert [v.name for v in server.versions("6")] == ["v1", "v3"]
     assert not (tmp_path / "worker" / "6" / "v2").exists()
-    keys = [o["Key"] for o in _bucket(store_env).list_objects_v2(
+    keys = [o["Key"] for o in store_env.client().list_objects_v2(
         Bucket=BUCKET, Prefix="ls-sahi/d/projects/6/v2/").get("Contents", [])]  # fmt: skip
     assert keys == []
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import httpx
 import pytest
 from labelled_project import CONFIG, labelled_project
@@ -94,17 +93,9 @@ def _machine(
     return stack_settings(fake, redis_url, detector, folder, model_store=s3.url)
 
 
-def _bucket(s3: SeaweedS3) -> Any:
-    env = s3.env()
-    return boto3.client(
-        "s3", endpoint_url=s3.endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
-    )  # fmt: skip
-
-
 def _manifest(s3: SeaweedS3, project: str, name: str) -> dict[str, Any]:
     key = f"ls-sahi/{names.PROJECTS_DIR}/{project}/{name}/{names.MANIFEST_FILE}"
-    return json.loads(_bucket(s3).get_object(Bucket=BUCKET, Key=key)["Body"].read())  # type: ignore[no-any-return]
+    return json.loads(s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read())  # type: ignore[no-any-return]
 
 
 def _holds_verified(model_dir: Path, project: str, name: str, manifest: dict[str, Any]) -> bool:
@@ -183,8 +174,8 @@ def test_a_version_published_by_one_machine_is_served_by_two_others_from_their_o
             {**json.loads((v1_dir / names.META_FILE).read_text()), "run_id": "copy"},
         )
         key = f"ls-sahi/{names.PROJECTS_DIR}/{pid}/{v2.name}/detector/model.safetensors"
-        good = _bucket(s3).get_object(Bucket=BUCKET, Key=key)["Body"].read()
-        _bucket(s3).put_object(Bucket=BUCKET, Key=key, Body=good[:-8] + b"\0" * 8)
+        good = s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        s3.client().put_object(Bucket=BUCKET, Key=key, Body=good[:-8] + b"\0" * 8)
         registry.set_live(pid, v2.name)
         wait_for(
             lambda: all("version_fetch_failed" in s.log.read_text() for s in servers),
@@ -192,7 +183,7 @@ def test_a_version_published_by_one_machine_is_served_by_two_others_from_their_o
         )  # fmt: skip
         assert all(s.model_version(pid) == wanted for s in servers)
         assert not any((names.projects_root(s.model_dir) / pid / v2.name).exists() for s in servers)
-        _bucket(s3).put_object(Bucket=BUCKET, Key=key, Body=good)
+        s3.client().put_object(Bucket=BUCKET, Key=key, Body=good)
         wanted = f"p{pid}-{v2.name}"
         wait_for(lambda: all(s.model_version(pid) == wanted for s in servers), 90, "the retried v2")
 
@@ -249,13 +240,13 @@ def test_a_worker_killed_mid_upload_leaves_no_version_and_the_next_run_publishes
     prefix = f"ls-sahi/{names.PROJECTS_DIR}/9/"
 
     def uploaded() -> int:
-        found = _bucket(s3).list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+        found = s3.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
         return len(found)
 
     wait_for(lambda: uploaded() >= 3, 120, "part of the upload", every=0.05)
     uploader.send_signal(signal.SIGKILL)
     uploader.wait(timeout=10)
-    keys = [o["Key"] for o in _bucket(s3).list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]]
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]]
     assert not any(k.endswith(names.MANIFEST_FILE) for k in keys), "killed before the manifest"
 
     store = Settings(_env_file=None, model_store=s3.url, model_dir=tmp_path / "server")  # type: ignore[call-arg]
